@@ -1,0 +1,177 @@
+"""The sub-commands: parse, build the configuration, call the pipeline, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .options import apply_overrides, overwrite_opt, set_opt
+
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+out_path = click.Path(path_type=Path)
+
+
+def _report_run(result, quiet: bool) -> None:
+    s = result.summary
+    click.echo(f"wrote {len(result.outputs)} files to {result.outdir}")
+    shift = s["coregistration"]["shift_px"]
+    click.echo(
+        f"co-registration: shift dy={shift['dy']:+.2f} dx={shift['dx']:+.2f} px, "
+        f"reliable={s['coregistration']['reliable']}"
+    )
+    for name, a in s["aois"].items():
+        click.echo(
+            f"  {name}: {a['polygon_count']} polygon(s), {a['damaged_area_m2']:.0f} m2 damaged "
+            f"({a['damaged_percent']:.1f} %), mean SSIM {a['mean_ssim']}"
+        )
+    for site in s.get("sites", []):
+        dist = "n/a" if site["distance_m"] is None else f"{site['distance_m']:.1f} m"
+        click.echo(f"  site {site['name']}: {site['verdict']} (nearest polygon {dist})")
+    if "evaluation" in s:
+        e = s["evaluation"]
+        click.echo(
+            f"  vs truth: precision {e['precision']:.3f} recall {e['recall']:.3f} F1 {e['f1']:.3f} "
+            f"IoU {e['iou']:.3f}; objects found {e['objects']['found']}/{e['objects']['total']}"
+        )
+    if s.get("date_window"):
+        click.echo(s["date_window"])
+
+
+@click.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", "outdir", type=out_path, help="Output folder (default: output.dir of the file).")
+@set_opt
+@overwrite_opt
+def run(pipeline_file: Path, outdir: Path | None, overrides: dict, overwrite: bool) -> None:
+    """Run a pipeline file (TOML) and write every output.
+
+    \b
+    Example:
+      changedetect run pipelines/harem.toml --out out/harem
+      changedetect run pipelines/harem.toml --set damage.min_area_m2=30 --overwrite
+    """
+    import tomllib
+
+    from ..config import config_from_dict, load_pipeline
+    from ..errors import ConfigError
+    from ..pipeline import run as run_pipeline
+
+    config = load_pipeline(pipeline_file)
+    if overrides:
+        data = apply_overrides(tomllib.loads(pipeline_file.read_text(encoding="utf-8")), overrides)
+        try:
+            config = config_from_dict(data, source=str(pipeline_file), base=pipeline_file.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (after --set)") from exc
+    result = run_pipeline(config, outdir=outdir, overwrite=overwrite)
+    _report_run(result, quiet=False)
+
+
+@click.command()
+@click.argument("before", type=existing_file)
+@click.argument("after", type=existing_file)
+@click.option("--out", "-o", "outdir", type=out_path, required=True, help="Output folder.")
+@click.option("--aoi", type=existing_file, help="Areas of interest (GeoJSON/GeoPackage); default: the whole overlap.")
+@click.option("--sites", type=existing_file, help="Reported impact points to check.")
+@click.option("--truth", type=existing_file, help="Reference damage polygons: evaluate the run.")
+@click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), help="Score threshold (default: automatic).")
+@click.option("--min-area", type=click.FloatRange(min=0), help="Minimum polygon area, m2 (default 20).")
+@set_opt
+@overwrite_opt
+def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, overrides, overwrite) -> None:
+    """Detect damage between BEFORE and AFTER without a pipeline file.
+
+    BEFORE defines the grid; AFTER is co-registered onto it.
+
+    \b
+    Example:
+      changedetect detect before.tif after.tif -o out/site1 --aoi aoi.geojson
+    """
+    from ..config import config_from_dict
+    from ..pipeline import run as run_pipeline
+
+    data: dict = {
+        "name": Path(outdir).name,
+        "inputs": {k: str(v) for k, v in {"before": before, "after": after, "aois": aoi, "sites": sites, "truth": truth}.items() if v},
+    }
+    if threshold is not None:
+        data.setdefault("damage", {})["threshold"] = threshold
+    if min_area is not None:
+        data.setdefault("damage", {})["min_area_m2"] = min_area
+    data = apply_overrides(data, overrides)
+    config = config_from_dict(data, source="command line", base=Path.cwd())
+    result = run_pipeline(config, outdir=outdir, overwrite=overwrite)
+    _report_run(result, quiet=False)
+
+
+@click.command()
+@click.argument("reference", type=existing_file)
+@click.argument("target", type=existing_file)
+@click.option("--out", "-o", "out", type=out_path, required=True, help="Output GeoTIFF (COG).")
+@click.option("--max-shift", type=click.FloatRange(min=0), default=64.0, show_default=True, help="Largest shift searched, pixels.")
+@click.option("--resampling", type=click.Choice(["nearest", "bilinear", "cubic", "cubic_spline", "lanczos"]), default="cubic", show_default=True)
+@overwrite_opt
+def coregister(reference, target, out, max_shift, resampling, overwrite) -> None:
+    """Align TARGET onto REFERENCE's exact grid (all bands, one resampling).
+
+    Writes OUT (same CRS, transform and size as REFERENCE; masked where TARGET has
+    no data) and OUT.coregistration.json with the shift and its quality.
+
+    \b
+    Example:
+      changedetect coregister before.tif after.tif -o after_aligned.tif
+    """
+    from ..pipeline import coregister_files
+
+    report = coregister_files(reference, target, out, overwrite=overwrite, max_shift_px=max_shift, resampling=resampling)
+    s = report["shift_px"]
+    click.echo(
+        f"wrote {out}: shift dy={s['dy']:+.3f} dx={s['dx']:+.3f} px, reliable={report['reliable']}, "
+        f"SSIM {report['ssim_before_correction']} -> {report['ssim_after_correction']}"
+    )
+
+
+@click.command()
+@click.argument("damage", type=click.Path(path_type=Path))
+@click.argument("truth", type=click.Path(path_type=Path))
+@click.option("--grid", "grid", type=existing_file, help="Count pixels of this raster's grid instead of exact areas.")
+@click.option("--min-cover", type=click.FloatRange(0, 1, min_open=True), default=0.3, show_default=True, help="Share of a truth object that must be covered for it to count as found.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+def evaluate(damage, truth, grid, min_cover, as_json) -> None:
+    """Compare a DAMAGE map with TRUTH polygons: precision, recall, F1, IoU, object recall.
+
+    \b
+    Example:
+      changedetect evaluate out/harem/damage.geojson imagery/harem/truth.geojson
+    """
+    from ..pipeline import evaluate_files
+
+    result = evaluate_files(damage, truth, grid_path=grid, min_cover=min_cover)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    unit = "pixels" if grid else "m2"
+    click.echo(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  F1 {result['f1']:.4f}  IoU {result['iou']:.4f}  ({unit})")
+    obj = result["objects"]
+    click.echo(f"objects found (>= {obj['min_cover']:.0%} covered): {obj['found']}/{obj['total']}")
+    for cls, v in obj.get("by_class", {}).items():
+        click.echo(f"  {cls}: {v['found']}/{v['total']}")
+
+
+@click.command()
+@click.argument("name", type=click.Choice(["harem"]))
+@click.option("--out", "-o", "outdir", type=out_path, required=True, help="Output folder.")
+@overwrite_opt
+def sample(name: str, outdir: Path, overwrite: bool) -> None:
+    """Regenerate a shipped sample (deterministic: byte-identical to the shipped files).
+
+    \b
+    Example:
+      changedetect sample harem -o imagery/harem --overwrite
+    """
+    from ..sample.harem import write_sample
+
+    paths = write_sample(Path(outdir), overwrite=overwrite)
+    click.echo(f"wrote {len(paths)} files to {outdir}")

@@ -1,0 +1,196 @@
+"""Pipeline files (TOML): schema, strict validation, path resolution.
+
+A pipeline file describes one before/after pair and everything done with it. Paths
+are relative to the file. Validation is strict: an unknown key, a wrong type or a
+missing file is a :class:`~changedetect.errors.ConfigError` naming the file and the
+key (``damage.min_area_m2``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .types import RadiometryMethod, ResamplingName
+
+__all__ = ["PipelineConfig", "load_pipeline", "config_from_dict"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Inputs(_Strict):
+    """Input files of a run."""
+
+    before: Path = Field(description="Before image (the reference grid).")
+    after: Path = Field(description="After image (co-registered onto the before grid).")
+    aois: Path | None = Field(None, description="Areas of interest (polygons, a 'name' column).")
+    sites: Path | None = Field(None, description="Reported impact points ('name', 'uncertainty_m').")
+    truth: Path | None = Field(None, description="Reference damage polygons to evaluate the run.")
+    bands: list[int] | None = Field(
+        None, description="1-based bands to use from both images; default: the common bands."
+    )
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(b < 1 for b in v)):
+            raise ValueError("bands must be a non-empty list of 1-based band numbers")
+        return v
+
+
+class Dates(_Strict):
+    """Acquisition dates and the incident date (for the date-window statement)."""
+
+    before: dt.date | None = None
+    after: dt.date | None = None
+    incident: dt.date | None = None
+
+
+class Output(_Strict):
+    """Where the outputs go."""
+
+    dir: Path | None = None
+
+
+class Coregister(_Strict):
+    """Co-registration of the after image onto the before image's grid."""
+
+    enabled: bool = True
+    max_shift_px: float = Field(64.0, ge=0)
+    upsample: int = Field(20, ge=1, le=1000)
+    resampling: ResamplingName = "cubic"
+
+
+class Radiometry(_Strict):
+    """Radiometric normalisation of the after image to the before image."""
+
+    method: RadiometryMethod = "histogram"
+
+
+class Change(_Strict):
+    """Change-evidence layers (see :func:`changedetect.change.change_layers`)."""
+
+    ssim_sigma_m: float = Field(0.75, gt=0)
+    smooth_m: float = Field(1.0, ge=0)
+    difference_z: float = Field(4.0, gt=0)
+    vegetation_exg: tuple[float, float] = (0.04, 0.10)
+
+
+class Damage(_Strict):
+    """From score to damage polygons."""
+
+    threshold: float | Literal["auto"] = "auto"
+    min_threshold: float = Field(0.3, ge=0, lt=1)
+    open_radius_m: float = Field(1.0, ge=0)
+    close_radius_m: float = Field(1.0, ge=0)
+    min_area_m2: float = Field(20.0, ge=0)
+    max_hole_m2: float = Field(10.0, ge=0)
+    site_radius_m: float = Field(25.0, gt=0)
+    refine_boundaries: bool = True
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 <= v < 1:
+            raise ValueError("threshold must be 'auto' or a number in [0, 1)")
+        return v
+
+
+class Limits(_Strict):
+    """Safety limits."""
+
+    max_pixels: int = Field(1_000_000_000, gt=0)
+
+
+class PipelineConfig(_Strict):
+    """A whole pipeline file."""
+
+    name: str = "changedetect"
+    description: str = ""
+    inputs: Inputs
+    dates: Dates = Dates()
+    output: Output = Output()
+    coregister: Coregister = Coregister()
+    radiometry: Radiometry = Radiometry()
+    change: Change = Change()
+    damage: Damage = Damage()
+    limits: Limits = Limits()
+
+    def parameters(self) -> dict[str, Any]:
+        """The resolved processing parameters (no paths), for reports and tags."""
+        return self.model_dump(mode="json", include={"coregister", "radiometry", "change", "damage", "limits"})
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key missing"
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<config>", base: Path | None = None) -> PipelineConfig:
+    """Validate a parsed pipeline and resolve its paths relative to ``base``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``source`` and the offending key.
+    """
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from exc
+    if base is None:
+        return cfg
+    inputs = cfg.inputs
+    resolved: dict[str, Any] = {}
+    for key in ("before", "after", "aois", "sites", "truth"):
+        value = getattr(inputs, key)
+        if value is None:
+            continue
+        path = value if value.is_absolute() else base / value
+        if not path.exists():
+            raise ConfigError(f"{source}: inputs.{key}: file not found: {value}")
+        resolved[key] = path
+    out_dir = cfg.output.dir
+    if out_dir is not None and not out_dir.is_absolute():
+        out_dir = base / out_dir
+    return cfg.model_copy(
+        update={
+            "inputs": inputs.model_copy(update=resolved),
+            "output": cfg.output.model_copy(update={"dir": out_dir}),
+        }
+    )
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file.
+
+    Raises
+    ------
+    ConfigError
+        Missing/unreadable file, TOML syntax error (with its line), unknown key,
+        wrong type, or a missing input file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from exc
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot read pipeline file ({exc})") from exc
+    return config_from_dict(data, source=str(path), base=path.parent)

@@ -1,0 +1,507 @@
+"""Thin I/O layer: the only module that opens raster and vector files.
+
+Everything here turns a file problem into a :class:`~changedetect.errors.DataError`
+whose message names the file, and writes every output under a temporary name in
+its final folder, renaming it only when it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.warp import reproject
+
+from .errors import DataError, OutputExistsError
+from .grid import Grid
+
+log = logging.getLogger(__name__)
+
+#: Refuse rasters above this many pixels per band before reading anything
+#: (a decompression-bomb guard); override with ``max_pixels``.
+DEFAULT_MAX_PIXELS = 1_000_000_000
+
+COG_OPTIONS: dict[str, Any] = {
+    "compress": "DEFLATE",
+    "blocksize": 256,
+    "overview_resampling": "average",
+    "bigtiff": "IF_SAFER",
+}
+
+
+# --------------------------------------------------------------------------- rasters
+@dataclass(frozen=True)
+class RasterInfo:
+    """What a raster file declares, read without loading its pixels."""
+
+    path: Path
+    grid: Grid
+    count: int
+    dtype: str
+    nodata: float | None
+    tags: dict[str, str] = field(default_factory=dict)
+    descriptions: tuple[str | None, ...] = ()
+
+    @property
+    def acquisition_date(self) -> str | None:
+        """An acquisition date from the file's tags, when it declares one."""
+        for key in ("ACQUISITION_DATE", "acquisition_date", "TIFFTAG_DATETIME", "DATE"):
+            if self.tags.get(key):
+                return self.tags[key]
+        return None
+
+
+def _check_file(path: Path, what: str = "file") -> None:
+    if not path.exists():
+        raise DataError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a {what}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: {what} is empty")
+
+
+@contextlib.contextmanager
+def open_raster(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open a georeferenced raster for reading, with clear errors.
+
+    Raises
+    ------
+    DataError
+        Missing, empty, unreadable, not georeferenced, or above ``max_pixels``.
+    """
+    path = Path(path)
+    _check_file(path, "raster")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise DataError(f"{path}: not a readable raster ({_first_line(exc)})") from exc
+    with src:
+        if src.crs is None or src.transform.is_identity:
+            raise DataError(f"{path}: raster has no georeferencing (CRS and transform needed)")
+        if src.width * src.height > max_pixels:
+            raise DataError(
+                f"{path}: raster is {src.width} x {src.height} px, above the limit of "
+                f"{max_pixels} px per band (raise max_pixels to allow it)"
+            )
+        if not src.transform.is_rectilinear:
+            raise DataError(f"{path}: rotated rasters are not supported")
+        yield src
+
+
+def raster_info(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> RasterInfo:
+    """Read a raster's grid, band count, dtype, nodata and tags (no pixels)."""
+    with open_raster(path, max_pixels=max_pixels) as src:
+        return RasterInfo(
+            path=Path(path),
+            grid=Grid(src.crs.to_string(), src.transform, src.width, src.height),
+            count=src.count,
+            dtype=src.dtypes[0],
+            nodata=src.nodata,
+            tags=dict(src.tags()),
+            descriptions=tuple(src.descriptions),
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _scale_for(dtype: str) -> float | None:
+    """Fixed scale to [0, 1] for 8-bit data; None means scale by the data."""
+    return 255.0 if np.dtype(dtype) == np.uint8 else None
+
+
+def _robust_scale(array: np.ndarray, valid: np.ndarray) -> float:
+    values = array[:, valid]
+    if values.size == 0:
+        return 1.0
+    hi = float(np.percentile(values, 99.9))
+    return hi if hi > 0 else 1.0
+
+
+def read_grid(
+    path: str | os.PathLike,
+    *,
+    bands: list[int] | None = None,
+    window: tuple[int, int, int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Read bands of a raster on its own grid as float32 scaled to about [0, 1].
+
+    Parameters
+    ----------
+    path : path-like
+        The raster.
+    bands : list of int, optional
+        1-based band indexes; all bands by default.
+    window : (row_off, col_off, height, width), optional
+        Read only this window.
+    scale : float, optional
+        Divide by this; by default 255 for 8-bit data and the 99.9th percentile of
+        the valid pixels otherwise.
+
+    Returns
+    -------
+    array : (bands, rows, cols) float32 ndarray
+        Scaled pixel values, 0 where invalid.
+    valid : (rows, cols) bool ndarray
+        True where every band holds data (mask, nodata and NaN respected).
+    scale : float
+        The divisor used.
+    """
+    path = Path(path)
+    with open_raster(path, max_pixels=max_pixels) as src:
+        indexes = _check_bands(path, src.count, bands)
+        win = None
+        if window is not None:
+            from rasterio.windows import Window
+
+            win = Window(window[1], window[0], window[3], window[2])
+        try:
+            data = src.read(indexes, window=win, out_dtype="float32")
+            masks = src.read_masks(indexes, window=win)
+        except RasterioError as exc:
+            raise DataError(f"{path}: cannot read pixels ({_first_line(exc)})") from exc
+        valid = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+        if scale is None:
+            scale = _scale_for(src.dtypes[0]) or _robust_scale(data, valid)
+    data /= np.float32(scale)
+    data[:, ~valid] = 0.0
+    return data, valid, float(scale)
+
+
+def _check_bands(path: Path, count: int, bands: list[int] | None) -> list[int]:
+    if bands is None:
+        return list(range(1, count + 1))
+    bad = [b for b in bands if not 1 <= b <= count]
+    if bad:
+        raise DataError(f"{path}: has {count} band(s), band(s) {bad} requested")
+    return list(bands)
+
+
+_RESAMPLING = {
+    "nearest": Resampling.nearest,
+    "bilinear": Resampling.bilinear,
+    "cubic": Resampling.cubic,
+    "cubic_spline": Resampling.cubic_spline,
+    "lanczos": Resampling.lanczos,
+}
+
+
+def warp_to_grid(
+    path: str | os.PathLike,
+    grid: Grid,
+    *,
+    bands: list[int] | None = None,
+    resampling: str = "cubic",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    num_threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, str, float | None]:
+    """Resample bands of a raster onto ``grid`` in one warp from the file's pixels.
+
+    A shift found by co-registration is applied by passing ``grid.shifted(dy, dx)``:
+    output pixel ``(r, c)`` then holds the source content at ``(r + dy, c + dx)`` of
+    the reference grid, so the content is corrected in the same single resampling.
+
+    Returns
+    -------
+    array : (bands, rows, cols) float32 ndarray
+        Values in the source's units (not scaled), NaN where there is no data.
+    valid : (rows, cols) bool ndarray
+    dtype : str
+        The source data type.
+    nodata : float or None
+        The source nodata value.
+    """
+    path = Path(path)
+    with open_raster(path, max_pixels=max_pixels) as src:
+        indexes = _check_bands(path, src.count, bands)
+        out = np.full((len(indexes), grid.height, grid.width), np.nan, dtype=np.float32)
+        try:
+            for i, bidx in enumerate(indexes):
+                reproject(
+                    rasterio.band(src, bidx),
+                    out[i],
+                    dst_transform=grid.transform,
+                    dst_crs=grid.crs,
+                    dst_nodata=np.nan,
+                    resampling=_RESAMPLING[resampling],
+                    num_threads=num_threads,
+                    init_dest_nodata=True,
+                )
+        except RasterioError as exc:
+            raise DataError(f"{path}: cannot warp onto the reference grid ({_first_line(exc)})") from exc
+        valid = np.all(np.isfinite(out), axis=0)
+        return out, valid, src.dtypes[0], src.nodata
+
+
+# --------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and
+    ``path`` is left as it was.
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: exists (use --overwrite to replace it)")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, Path(str(tmp) + ".aux.xml")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def write_cog(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    grid: Grid,
+    *,
+    nodata: float | None = None,
+    valid: np.ndarray | None = None,
+    tags: dict[str, Any] | None = None,
+    descriptions: list[str] | None = None,
+    overwrite: bool = False,
+    predictor: int | None = None,
+) -> Path:
+    """Write a Cloud-Optimized GeoTIFF atomically.
+
+    Parameters
+    ----------
+    array : (bands, rows, cols) or (rows, cols) ndarray
+    grid : Grid
+        Must match the array's shape.
+    nodata : float, optional
+        Nodata value (``nan`` is allowed for float data).
+    valid : (rows, cols) bool ndarray, optional
+        Written as an internal per-dataset mask instead of a nodata value (used for
+        integer data where every value may be real data).
+    """
+    path = Path(path)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.shape[1:] != grid.shape:
+        raise ValueError(f"array shape {array.shape[1:]} does not match grid {grid.shape}")
+    if predictor is None:
+        predictor = 3 if np.issubdtype(array.dtype, np.floating) else 2
+    profile = {
+        "driver": "COG",
+        "width": grid.width,
+        "height": grid.height,
+        "count": array.shape[0],
+        "dtype": array.dtype.name,
+        "crs": grid.crs,
+        "transform": grid.transform,
+        "nodata": nodata,
+        "predictor": predictor,
+        **COG_OPTIONS,
+    }
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(array)
+            if valid is not None:
+                dst.write_mask(np.where(valid, 255, 0).astype(np.uint8))
+            if tags:
+                dst.update_tags(**{k: _tag_text(v) for k, v in tags.items()})
+            for i, desc in enumerate(descriptions or [], start=1):
+                dst.set_band_description(i, desc)
+    return path
+
+
+def _tag_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -> Path:
+    """Write JSON atomically (sorted keys, 2-space indent, trailing newline)."""
+    path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n"
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    return str(obj)
+
+
+def write_vector(
+    path: str | os.PathLike,
+    gdf: Any,
+    *,
+    overwrite: bool = False,
+    layer: str | None = None,
+) -> Path:
+    """Write a GeoDataFrame atomically as GeoJSON (RFC 7946, EPSG:4326) or GeoPackage."""
+    import pyogrio
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        if suffix in (".geojson", ".json"):
+            out = gdf.to_crs("EPSG:4326") if gdf.crs is not None else gdf
+            pyogrio.write_dataframe(
+                out, tmp, driver="GeoJSON", layer=layer or path.stem,
+                layer_options={"RFC7946": "YES", "COORDINATE_PRECISION": "8", "WRITE_NAME": "NO"},
+            )
+        elif suffix == ".gpkg":
+            pyogrio.write_dataframe(gdf, tmp, driver="GPKG", layer=layer or path.stem)
+        else:
+            raise ValueError(f"unsupported vector format: {path.suffix}")
+    return path
+
+
+def read_vector(path: str | os.PathLike, *, what: str = "vector file") -> Any:
+    """Read a GeoJSON / GeoPackage / any OGR vector into a GeoDataFrame.
+
+    Invalid (e.g. self-intersecting) polygons are repaired with a warning.
+    """
+    import geopandas as gpd
+    import pyogrio.errors
+
+    path = Path(path)
+    _check_file(path, what)
+    try:
+        gdf = gpd.read_file(path, engine="pyogrio")
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError) as exc:
+        raise DataError(f"{path}: {what} could not be read ({_first_line(exc)})") from exc
+    if gdf.crs is None:
+        if path.suffix.lower() in (".geojson", ".json"):
+            gdf = gdf.set_crs("EPSG:4326")
+        else:
+            raise DataError(f"{path}: {what} has no CRS")
+    gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
+    if len(gdf) == 0:
+        raise DataError(f"{path}: {what} has no geometries")
+    invalid = ~gdf.geometry.is_valid
+    if invalid.any():
+        from .errors import ChangeDetectWarning
+
+        warnings.warn(
+            f"{path}: {int(invalid.sum())} invalid geometry(ies) repaired (make_valid)",
+            ChangeDetectWarning,
+            stacklevel=2,
+        )
+        gdf = gdf.copy()
+        gdf.loc[invalid, "geometry"] = gdf.geometry[invalid].make_valid()
+    return gdf
+
+
+# --------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike, *, relative_to: Path | None = None) -> dict[str, Any]:
+    """``{"path", "sha256", "bytes"}`` for the manifest."""
+    path = Path(path)
+    shown = path
+    if relative_to is not None:
+        with contextlib.suppress(ValueError):
+            shown = path.resolve().relative_to(relative_to.resolve())
+    return {"path": shown.as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+# --------------------------------------------------------------------------- output folder
+class OutputFolder:
+    """Stage every output of a run in a hidden folder; move them into place at the end.
+
+    Use as a context manager. Files are written under ``staging`` and moved into the
+    output folder by :meth:`commit` (the manifest last). If the block raises (an
+    error, Ctrl-C, SIGTERM turned into an exception), the staging folder is removed
+    and the output folder is left exactly as it was (and removed again if the run
+    created it), so an interrupted run leaves no partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise DataError(f"{self.path}: output exists and is not a folder")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise OutputExistsError(
+                f"{self.path}: output folder exists and is not empty (use --overwrite to replace its outputs)"
+            )
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.staging = self.path / f".changedetect-partial-{os.getpid()}"
+            self.staging.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot write to output folder ({exc.strerror or exc})") from exc
+        self._committed = False
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._committed:
+            self.abort()
+
+    def file(self, name: str) -> Path:
+        """Where to write output ``name`` while the run is in progress."""
+        return self.staging / name
+
+    def staged(self) -> list[Path]:
+        """Staged files, sorted by name."""
+        return sorted(p for p in self.staging.iterdir() if p.is_file())
+
+    def commit(self, last: str | None = None) -> list[Path]:
+        """Move every staged file into the output folder, ``last`` at the very end."""
+        files = self.staged()
+        files.sort(key=lambda p: p.name == last)
+        moved = []
+        for src in files:
+            dst = self.path / src.name
+            os.replace(src, dst)
+            moved.append(dst)
+        self.staging.rmdir()
+        self._committed = True
+        return moved
+
+    def abort(self) -> None:
+        """Remove the staging folder (and the output folder if this run created it)."""
+        import shutil
+
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()

@@ -1,0 +1,588 @@
+"""The detection pipeline: I/O plus the numeric core, no command-line concerns.
+
+``run(config)`` takes a validated :class:`~changedetect.config.PipelineConfig` and
+writes every output into a staged output folder (see :class:`changedetect.io.OutputFolder`):
+
+1. read the before image (the reference grid) and warp the after image onto it;
+2. estimate the global shift between them (masked, coarse-to-fine phase
+   correlation) and warp the after image again *from its original pixels* with the
+   shift folded into the destination grid (one resampling only);
+3. normalise the after image's radiometry to the before image on valid pixels;
+4. compute difference, SSIM and the change score over the areas of interest;
+5. threshold, clean and polygonize the damage, grade each polygon, check the
+   reported sites, and evaluate against reference labels when given;
+6. write rasters (COG), vectors (GeoJSON EPSG:4326), reports and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from . import change as change_mod
+from . import coregister as coreg
+from . import damage as damage_mod
+from . import io
+from .config import PipelineConfig
+from .errors import ConfigError, CoregistrationWarning, DataError, NoOverlapError
+from .grid import Grid
+from .provenance import MANIFEST_NAME, build_manifest, command_line, utc_now
+from .radiometry import normalize
+
+log = logging.getLogger(__name__)
+
+SEVERITY_ORDER = {"destroyed": 0, "severe": 1, "moderate": 2, "possible": 3}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced."""
+
+    outdir: Path
+    outputs: list[Path]
+    summary: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- helpers
+def _select_bands(config: PipelineConfig, before: io.RasterInfo, after: io.RasterInfo) -> list[int]:
+    bands = config.inputs.bands
+    if bands is not None:
+        for info in (before, after):
+            bad = [b for b in bands if b > info.count]
+            if bad:
+                raise ConfigError(f"{info.path}: has {info.count} band(s), inputs.bands asks for {bad}")
+        return list(bands)
+    n = min(before.count, after.count)
+    if before.count != after.count:
+        log.warning(
+            "band counts differ (%s: %d, %s: %d): using the first %d band(s); set inputs.bands to choose",
+            before.path.name, before.count, after.path.name, after.count, n,
+        )
+    return list(range(1, n + 1))
+
+
+def _overlap_window(before: io.RasterInfo, after: io.RasterInfo) -> tuple[int, int, int, int]:
+    """Window (row_off, col_off, height, width) of the before grid covered by the after image."""
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import from_bounds
+
+    g = before.grid
+    a = transform_bounds(after.grid.crs, g.crs, *after.grid.bounds, densify_pts=21)
+    b = g.bounds
+    left, bottom, right, top = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    if left >= right or bottom >= top:
+        raise NoOverlapError(f"{after.path}: does not overlap the before image {before.path.name}")
+    win = from_bounds(left, bottom, right, top, transform=g.transform)
+    row0 = max(0, math.floor(win.row_off + 1e-6))
+    col0 = max(0, math.floor(win.col_off + 1e-6))
+    row1 = min(g.height, math.ceil(win.row_off + win.height - 1e-6))
+    col1 = min(g.width, math.ceil(win.col_off + win.width - 1e-6))
+    if row1 - row0 < 8 or col1 - col0 < 8:
+        raise NoOverlapError(f"{after.path}: overlaps the before image by less than 8 x 8 pixels")
+    return row0, col0, row1 - row0, col1 - col0
+
+
+def _read_aois(config: PipelineConfig, grid: Grid, footprint: Any) -> Any:
+    """AOIs in the grid CRS clipped to the data footprint; the footprint when none given."""
+    import geopandas as gpd
+
+    path = config.inputs.aois
+    if path is None:
+        return gpd.GeoDataFrame({"name": ["overlap"]}, geometry=[footprint], crs=grid.crs)
+    gdf = io.read_vector(path, what="AOI file").to_crs(grid.crs)
+    gdf = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if len(gdf) == 0:
+        raise DataError(f"{path}: AOI file has no polygon")
+    if "name" not in gdf.columns:
+        gdf = gdf.assign(name=[f"aoi{i + 1}" for i in range(len(gdf))])
+    gdf = gdf.assign(name=gdf["name"].astype(str), geometry=gdf.geometry.intersection(footprint))
+    gdf = gdf[~gdf.geometry.is_empty & (gdf.geometry.area > 0)]
+    if len(gdf) == 0:
+        raise NoOverlapError(f"{path}: no AOI overlaps the area covered by both images")
+    return gdf[["name", "geometry"]].reset_index(drop=True)
+
+
+def _rasterize(geoms: list, grid: Grid, values: list[int] | None = None) -> np.ndarray:
+    from rasterio.features import rasterize
+
+    if not geoms:
+        return np.zeros(grid.shape, dtype=np.int32)
+    shapes = zip(geoms, values or [1] * len(geoms), strict=True)
+    return rasterize(shapes, out_shape=grid.shape, transform=grid.transform, fill=0, dtype="int32")
+
+
+def _luminance_ssim(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> float:
+    ssim, _ = change_mod.ssim_components(change_mod.luminance(a), change_mod.luminance(b), valid=valid)
+    vals = ssim[np.isfinite(ssim)]
+    return round(float(vals.mean()), 4) if vals.size else float("nan")
+
+
+# --------------------------------------------------------------------------- steps
+def coregister_pair(
+    before_path: Path,
+    after_path: Path,
+    *,
+    grid: Grid,
+    bands: list[int],
+    max_shift_px: float,
+    upsample: int,
+    resampling: str,
+    max_pixels: int,
+    enabled: bool = True,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[str, float | None]]:
+    """Warp the after image onto ``grid``, estimate and remove the global shift.
+
+    Returns the corrected after image in source units (NaN where no data), its valid
+    mask, the co-registration report, and the source (dtype, nodata).
+    """
+    if reference is None:
+        before, bvalid, _ = io.read_grid(before_path, bands=bands, max_pixels=max_pixels)
+    else:
+        before, bvalid = reference
+    raw, avalid, dtype, nodata = io.warp_to_grid(
+        after_path, grid, bands=bands, resampling=resampling, max_pixels=max_pixels
+    )
+    if not avalid.any():
+        raise DataError(f"{after_path}: has no valid pixel over the before image")
+    if not (avalid & bvalid).any():
+        raise NoOverlapError(f"{after_path}: no pixel has data in both images")
+    scale = 255.0 if np.dtype(dtype) == np.uint8 else io._robust_scale(np.nan_to_num(raw), avalid)
+    res_x, res_y = grid.res
+    report: dict[str, Any] = {
+        "method": "global translation, masked coarse-to-fine phase correlation",
+        "enabled": enabled,
+        "reference_grid": grid.as_dict(),
+        "resampling": resampling,
+        "max_shift_px": max_shift_px,
+    }
+    if not enabled:
+        report.update({"shift_px": {"dy": 0.0, "dx": 0.0}, "reliable": None})
+        return raw, avalid, report, (dtype, nodata)
+    moving = np.nan_to_num(raw) / np.float32(scale)
+    est = coreg.estimate_shift(
+        before,
+        moving,
+        reference_valid=bvalid,
+        moving_valid=avalid,
+        max_shift=max_shift_px,
+        upsample_factor=upsample,
+    )
+    dy, dx = float(est.dy), float(est.dx)
+    if not (math.isfinite(dy) and math.isfinite(dx)):
+        dy = dx = 0.0
+    shifted, svalid, _, _ = io.warp_to_grid(
+        after_path, grid.shifted(dy, dx), bands=bands, resampling=resampling, max_pixels=max_pixels
+    )
+    common_raw = bvalid & avalid
+    common_new = bvalid & svalid
+    report.update(
+        {
+            "estimate": est.as_dict(),
+            "shift_px": {"dy": round(dy, 4), "dx": round(dx, 4)},
+            "shift_m": {"north": round(-dy * res_y, 4), "east": round(dx * res_x, 4)},
+            "shift_magnitude_px": round(math.hypot(dy, dx), 4),
+            "reliable": bool(est.reliable),
+            "ssim_before_correction": _luminance_ssim(before, moving, common_raw),
+            "ssim_after_correction": _luminance_ssim(before, np.nan_to_num(shifted) / np.float32(scale), common_new),
+        }
+    )
+    if not est.reliable:
+        warnings.warn(
+            f"{after_path}: co-registration could not be confirmed (peak ratio "
+            f"{est.peak_ratio:.2f}); shift ({dy:.2f}, {dx:.2f}) px applied, check the alignment",
+            CoregistrationWarning,
+            stacklevel=2,
+        )
+    return shifted, svalid, report, (dtype, nodata)
+
+
+def _site_checks(sites: Any, damage: Any, default_radius: float) -> list[dict[str, Any]]:
+    out = []
+    union = damage.geometry.union_all() if len(damage) else None
+    for i, row in sites.reset_index(drop=True).iterrows():
+        pt = row.geometry
+        radius = float(row["uncertainty_m"]) if "uncertainty_m" in sites.columns and row["uncertainty_m"] == row["uncertainty_m"] else default_radius
+        name = str(row["name"]) if "name" in sites.columns else f"site{i + 1}"
+        entry: dict[str, Any] = {"name": name, "uncertainty_m": radius}
+        if union is None:
+            entry.update({"inside_damage": False, "nearest_polygon_id": None, "distance_m": None,
+                          "damaged_area_within_radius_m2": 0.0, "verdict": "damage not found"})
+        else:
+            dists = damage.geometry.distance(pt)
+            j = int(dists.values.argmin())
+            within = union.intersection(pt.buffer(radius, 64)).area
+            entry.update(
+                {
+                    "inside_damage": bool(union.covers(pt)),
+                    "nearest_polygon_id": int(damage.iloc[j]["id"]),
+                    "nearest_severity": str(damage.iloc[j]["severity"]),
+                    "distance_m": round(float(dists.iloc[j]), 2),
+                    "damaged_area_within_radius_m2": round(float(within), 2),
+                    "verdict": "damage found" if within > 0 else "damage not found",
+                }
+            )
+        out.append(entry)
+    pts = list(sites.geometry)
+    for i, entry in enumerate(out):
+        entry["distance_to_other_sites_m"] = {
+            out[j]["name"]: round(float(pts[i].distance(pts[j])), 2) for j in range(len(pts)) if j != i
+        }
+    return out
+
+
+def evaluate_polygons(damage: Any, truth: Any) -> dict[str, Any]:
+    """Area-exact metrics and object recall of ``damage`` against ``truth`` (same metric CRS)."""
+    from .evaluate import area_metrics, object_recall
+
+    metrics = area_metrics(list(damage.geometry), list(truth.geometry))
+    classes = [str(s) for s in truth["severity"]] if "severity" in truth.columns else None
+    objects = object_recall(list(truth.geometry), list(damage.geometry), classes=classes)
+    out = metrics.as_dict()
+    out["objects"] = {k: v for k, v in objects.items() if k != "coverage"}
+    return out
+
+
+# --------------------------------------------------------------------------- run
+def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool = False) -> RunResult:
+    """Run the whole chain for one pair and write every output (see module docstring)."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    started = utc_now()
+    outdir = outdir or config.output.dir
+    if outdir is None:
+        raise ConfigError("no output folder: give --out or set output.dir in the pipeline file")
+    inputs = config.inputs
+    limit = config.limits.max_pixels
+    binfo = io.raster_info(inputs.before, max_pixels=limit)
+    ainfo = io.raster_info(inputs.after, max_pixels=limit)
+    bands = _select_bands(config, binfo, ainfo)
+    window = _overlap_window(binfo, ainfo)
+    ref_grid = binfo.grid
+    res = ref_grid.res
+    if abs(res[0] - res[1]) > 1e-3 * max(res):
+        log.warning("non-square pixels (%s); areas use their product", res)
+    from pyproj import CRS
+
+    if not CRS.from_user_input(ref_grid.crs).is_projected:
+        raise DataError(f"{inputs.before}: the before image must be in a projected CRS (metres); reproject it first")
+    pixel_size = math.sqrt(res[0] * res[1])
+
+    with io.OutputFolder(outdir, overwrite=overwrite) as out:
+        # 1-2. read, co-register on the full before grid (the after_coregistered product).
+        before_full, bvalid_full, bscale = io.read_grid(inputs.before, bands=bands, max_pixels=limit)
+        if not bvalid_full.any():
+            raise DataError(f"{inputs.before}: has no valid pixel")
+        after_full, avalid_full, report, (adtype, anodata) = coregister_pair(
+            inputs.before, inputs.after, grid=ref_grid, bands=bands,
+            max_shift_px=config.coregister.max_shift_px, upsample=config.coregister.upsample,
+            resampling=config.coregister.resampling, max_pixels=limit,
+            enabled=config.coregister.enabled, reference=(before_full, bvalid_full),
+        )
+        _write_after(out.file("after_coregistered.tif"), after_full, avalid_full, ref_grid, adtype, anodata, config)
+        ascale = 255.0 if np.dtype(adtype) == np.uint8 else io._robust_scale(np.nan_to_num(after_full), avalid_full)
+        after_full = np.nan_to_num(after_full) / np.float32(ascale)
+        valid_full = bvalid_full & avalid_full
+
+        # 3. radiometry over the whole common area.
+        after_norm, fit = normalize(after_full, before_full, method=config.radiometry.method, valid=valid_full)
+        del after_full
+
+        # footprint of common data, AOIs.
+        r0, c0, h, w = window
+        footprint = box(*ref_grid.window_grid(r0, c0, h, w).bounds)
+        aois = _read_aois(config, ref_grid, footprint)
+        aoi_raster = _rasterize(list(aois.geometry), ref_grid, list(range(1, len(aois) + 1)))
+        in_aoi = (aoi_raster > 0) & valid_full
+        if not in_aoi.any():
+            raise NoOverlapError(f"{inputs.aois}: AOIs cover no pixel with data in both images")
+        rows = np.flatnonzero(in_aoi.any(axis=1))
+        cols = np.flatnonzero(in_aoi.any(axis=0))
+        halo = int(math.ceil(4 * max(config.change.smooth_m, config.change.ssim_sigma_m) / pixel_size)) + 8
+        wr0, wr1 = max(0, rows[0] - halo), min(ref_grid.height, rows[-1] + 1 + halo)
+        wc0, wc1 = max(0, cols[0] - halo), min(ref_grid.width, cols[-1] + 1 + halo)
+        sl = (slice(wr0, wr1), slice(wc0, wc1))
+        # output rasters cover the AOIs' bounding box only.
+        or0, or1, oc0, oc1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        out_grid = ref_grid.window_grid(or0, oc0, or1 - or0, oc1 - oc0)
+        inner = (slice(or0 - wr0, or1 - wr0), slice(oc0 - wc0, oc1 - wc0))
+
+        # 4. change layers over the AOI window (with a halo for the filters).
+        cfg_c = config.change
+        layers = change_mod.change_layers(
+            before_full[:, sl[0], sl[1]], after_norm[:, sl[0], sl[1]], valid=valid_full[sl],
+            pixel_size=pixel_size, ssim_sigma_m=cfg_c.ssim_sigma_m, smooth_m=cfg_c.smooth_m,
+            difference_z=cfg_c.difference_z, vegetation_exg=tuple(cfg_c.vegetation_exg),
+        )
+        aoi_win = aoi_raster[or0:or1, oc0:oc1]
+        inside = (aoi_win > 0) & layers.valid[inner]
+
+        def crop(a: np.ndarray) -> np.ndarray:
+            return np.where(inside, a[inner], np.nan).astype(np.float32)
+
+        score = crop(layers.score)
+        ssim = crop(layers.ssim)
+        diff = crop(layers.difference)
+        sloss = crop(layers.structure_loss)
+
+        # 5. threshold, clean, polygons.
+        cfg_d = config.damage
+        if cfg_d.threshold == "auto":
+            otsu = change_mod.threshold_otsu_valid(score, inside)
+            threshold = max(otsu, cfg_d.min_threshold)
+            threshold_info = {"method": "otsu", "otsu": round(otsu, 4), "floor": cfg_d.min_threshold}
+        else:
+            threshold = float(cfg_d.threshold)
+            threshold_info = {"method": "given"}
+        threshold_info["value"] = round(threshold, 4)
+        clean_args = {
+            "pixel_size": pixel_size, "open_radius_m": cfg_d.open_radius_m,
+            "close_radius_m": cfg_d.close_radius_m, "min_area_m2": cfg_d.min_area_m2,
+            "max_hole_m2": cfg_d.max_hole_m2,
+        }
+        mask = damage_mod.clean_mask(np.nan_to_num(score) >= threshold, **clean_args) & inside
+        if cfg_d.refine_boundaries:
+            mask = damage_mod.refine_boundaries(mask, score)
+            mask = damage_mod.clean_mask(mask, **clean_args) & inside
+        reliability = 1.0 if report.get("reliable") in (True, None) else 0.5
+        labels, objects = damage_mod.damage_objects(
+            mask, score=score, ssim=ssim, difference=diff, structure_loss=sloss,
+            threshold=threshold, pixel_size=pixel_size, reliability=reliability,
+        )
+        # AOI of each object: the AOI holding most of its pixels.
+        aoi_names = list(aois["name"])
+        attrs = []
+        for obj in objects:
+            sel = labels == obj.label
+            counts = np.bincount(aoi_win[sel], minlength=len(aoi_names) + 1)[1:]
+            attrs.append({
+                "id": obj.label, "aoi": aoi_names[int(counts.argmax())], "area_m2": obj.area_m2,
+                "score": obj.score, "score_max": obj.score_max, "mean_ssim": obj.mean_ssim,
+                "mean_difference": obj.mean_difference,
+                "structure_loss_fraction": obj.structure_loss_fraction,
+                "severity": obj.severity, "confidence": obj.confidence,
+            })
+        from .polygonize import polygonize_labels
+
+        damage = polygonize_labels(labels, out_grid.transform, ref_grid.crs, attributes=attrs)
+        if len(damage) == 0:
+            damage = gpd.GeoDataFrame(
+                {k: [] for k in ("id", "aoi", "area_m2", "score", "score_max", "mean_ssim", "mean_difference",
+                                 "structure_loss_fraction", "severity", "confidence")},
+                geometry=[], crs=ref_grid.crs,
+            )
+
+        # 6. outputs.
+        tags = {"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters()}
+        nan = float("nan")
+        io.write_cog(out.file("difference.tif"), diff, out_grid, nodata=nan, tags={**tags, "LAYER": "difference magnitude (RMS over bands, before-image units 0-1)"}, descriptions=["difference"])
+        io.write_cog(out.file("ssim.tif"), ssim, out_grid, nodata=nan, tags={**tags, "LAYER": "local SSIM of luminance"}, descriptions=["ssim"])
+        io.write_cog(out.file("score.tif"), score, out_grid, nodata=nan, tags={**tags, "LAYER": "change score 0-1", "THRESHOLD": threshold}, descriptions=["score"])
+        io.write_vector(out.file("damage.geojson"), damage, layer="damage")
+        io.write_vector(out.file("aois.geojson"), aois, layer="aois")
+
+        summary = _summary(config, aois, damage, aoi_win, ssim, pixel_size, threshold_info, report, fit, layers.noise)
+        if inputs.sites is not None:
+            sites = io.read_vector(inputs.sites, what="sites file").to_crs(ref_grid.crs)
+            sites = sites[sites.geometry.geom_type == "Point"]
+            summary["sites"] = _site_checks(sites, damage, cfg_d.site_radius_m)
+        if inputs.truth is not None:
+            truth = io.read_vector(inputs.truth, what="truth file").to_crs(ref_grid.crs)
+            summary["evaluation"] = evaluate_polygons(damage, truth)
+        io.write_json(out.file("coregistration.json"), report)
+        io.write_json(out.file("summary.json"), summary)
+
+        from .quicklook import quicklook
+
+        quicklook(
+            out.file("quicklook.png"),
+            before=before_full[:, or0:or1, oc0:oc1], after=after_norm[:, or0:or1, oc0:oc1],
+            score=score, threshold=threshold, grid=out_grid, damage=damage, aois=aois,
+            title=f"{config.name}: {len(damage)} damage polygon(s)",
+        )
+
+        # manifest last.
+        outputs = [io.file_record(p, relative_to=out.staging) for p in out.staged()]
+        input_records = {
+            key: {**io.file_record(getattr(inputs, key)), "path": str(getattr(inputs, key))}
+            for key in ("before", "after", "aois", "sites", "truth") if getattr(inputs, key) is not None
+        }
+        dates = config.dates.model_dump(mode="json")
+        dates.setdefault("before", None)
+        dates["before_from_file"] = binfo.acquisition_date
+        dates["after_from_file"] = ainfo.acquisition_date
+        manifest = build_manifest(
+            inputs=input_records, outputs=outputs, parameters=config.parameters(), dates=dates,
+            started=started, finished=utc_now(), command=command_line(),
+        )
+        io.write_json(out.file(MANIFEST_NAME), manifest)
+        written = out.commit(last=MANIFEST_NAME)
+    return RunResult(outdir=Path(outdir), outputs=written, summary=summary)
+
+
+def _write_after(path: Path, arr: np.ndarray, valid: np.ndarray, grid: Grid, dtype: str, nodata: float | None, config: PipelineConfig) -> None:
+    """after_coregistered.tif: the after image's bands on the before grid, source dtype."""
+    out = np.nan_to_num(arr)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(np.dtype(dtype))
+        out = np.clip(np.rint(out), info.min, info.max)
+    io.write_cog(
+        path, out.astype(dtype), grid, nodata=None, valid=valid,
+        tags={"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters(),
+              "LAYER": "after image co-registered onto the before grid"},
+    )
+
+
+def _summary(config, aois, damage, aoi_win, ssim, pixel_size, threshold_info, report, fit, noise) -> dict[str, Any]:
+    px_area = pixel_size * pixel_size
+    per_aoi = {}
+    for i, name in enumerate(aois["name"], start=1):
+        sel = aoi_win == i
+        area = float(aois.geometry.iloc[i - 1].area)
+        d = damage[damage["aoi"] == name] if len(damage) else damage
+        damaged = float(d["area_m2"].sum()) if len(d) else 0.0
+        vals = ssim[sel & np.isfinite(ssim)]
+        by_sev = {s: int((d["severity"] == s).sum()) for s in SEVERITY_ORDER} if len(d) else {s: 0 for s in SEVERITY_ORDER}
+        per_aoi[name] = {
+            "area_m2": round(area, 2),
+            "analysed_area_m2": round(float(np.count_nonzero(sel & np.isfinite(ssim))) * px_area, 2),
+            "damaged_area_m2": round(damaged, 2),
+            "damaged_percent": round(100 * damaged / area, 3) if area > 0 else 0.0,
+            "polygon_count": len(d),
+            "polygons_by_severity": by_sev,
+            "mean_ssim": round(float(vals.mean()), 4) if vals.size else None,
+        }
+    dates = config.dates
+    window_text = None
+    if dates.before and dates.after:
+        window_text = (
+            f"Damage mapped here is consistent with any event between {dates.before.isoformat()} and "
+            f"{dates.after.isoformat()} (the image dates); it does not date the event"
+            + (f" (reported incident: {dates.incident.isoformat()})." if dates.incident else ".")
+        )
+    return {
+        "name": config.name,
+        "changedetect_version": __version__,
+        "pixel_size_m": round(pixel_size, 6),
+        "threshold": threshold_info,
+        "coregistration": {k: report.get(k) for k in ("shift_px", "shift_m", "reliable", "ssim_before_correction", "ssim_after_correction")},
+        "radiometry": fit.as_dict(),
+        "noise": noise,
+        "aois": per_aoi,
+        "polygon_count": len(damage),
+        "damaged_area_m2": round(float(damage["area_m2"].sum()) if len(damage) else 0.0, 2),
+        "date_window": window_text,
+    }
+
+
+# --------------------------------------------------------------------------- other commands
+def coregister_files(
+    reference: Path,
+    target: Path,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    max_shift_px: float = 64.0,
+    upsample: int = 20,
+    resampling: str = "cubic",
+    max_pixels: int = io.DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Write every band of ``target`` aligned onto ``reference``'s exact grid.
+
+    Also writes the co-registration report beside it (``OUT.coregistration.json``).
+    The shift is estimated on the bands both images have in common.
+    """
+    out = Path(out)
+    report_path = out.with_name(out.stem + ".coregistration.json")
+    for p in (out, report_path):
+        if p.exists() and not overwrite:
+            raise io.OutputExistsError(f"{p}: exists (use --overwrite to replace it)")
+    rinfo = io.raster_info(reference, max_pixels=max_pixels)
+    tinfo = io.raster_info(target, max_pixels=max_pixels)
+    _overlap_window(rinfo, tinfo)
+    common = list(range(1, min(rinfo.count, tinfo.count) + 1))
+    before, bvalid, _ = io.read_grid(reference, bands=common, max_pixels=max_pixels)
+    _, _, report, _ = coregister_pair(
+        reference, target, grid=rinfo.grid, bands=common, max_shift_px=max_shift_px,
+        upsample=upsample, resampling=resampling, max_pixels=max_pixels, reference=(before, bvalid),
+    )
+    dy, dx = report["shift_px"]["dy"], report["shift_px"]["dx"]
+    allbands, valid, dtype, nodata = io.warp_to_grid(
+        target, rinfo.grid.shifted(dy, dx), resampling=resampling, max_pixels=max_pixels
+    )
+    arr = np.nan_to_num(allbands)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(np.dtype(dtype))
+        arr = np.clip(np.rint(arr), info.min, info.max)
+    report["reference"] = {**io.file_record(reference), "path": str(reference)}
+    report["target"] = {**io.file_record(target), "path": str(target)}
+    descriptions = [d or f"band {i}" for i, d in enumerate(tinfo.descriptions, start=1)]
+    io.write_cog(
+        out, arr.astype(dtype), rinfo.grid, valid=valid, overwrite=overwrite, descriptions=descriptions,
+        tags={"CHANGEDETECT_VERSION": __version__, "COREGISTRATION_SHIFT_PX": report["shift_px"]},
+    )
+    io.write_json(report_path, report, overwrite=overwrite)
+    return report
+
+
+def evaluate_files(
+    damage_path: Path,
+    truth_path: Path,
+    *,
+    grid_path: Path | None = None,
+    min_cover: float = 0.3,
+) -> dict[str, Any]:
+    """Compare a damage map with reference polygons.
+
+    Without a grid, areas are exact, in the local UTM zone of the truth. With
+    ``grid_path`` (a raster), both layers are rasterized on its grid (pixel centres)
+    and counted in pixels; object recall is computed on the polygons either way.
+    """
+    from .evaluate import object_recall, pixel_metrics
+
+    damage = io.read_vector(damage_path, what="damage file") if _has_features(damage_path) else None
+    truth = io.read_vector(truth_path, what="truth file")
+    if grid_path is not None:
+        crs = io.raster_info(grid_path).grid.crs
+    else:
+        crs = truth.estimate_utm_crs()
+    truth = truth.to_crs(crs)
+    if damage is None:
+        import geopandas as gpd
+
+        damage = gpd.GeoDataFrame(geometry=[], crs=crs)
+    damage = damage.to_crs(crs)
+    if grid_path is not None:
+        grid = io.raster_info(grid_path).grid
+        metrics = pixel_metrics(
+            _rasterize(list(damage.geometry), grid) > 0, _rasterize(list(truth.geometry), grid) > 0
+        ).as_dict()
+        classes = [str(s) for s in truth["severity"]] if "severity" in truth.columns else None
+        objects = object_recall(list(truth.geometry), list(damage.geometry), classes=classes, min_cover=min_cover)
+        metrics["objects"] = {k: v for k, v in objects.items() if k != "coverage"}
+        metrics["grid"] = str(grid_path)
+    else:
+        metrics = evaluate_polygons(damage, truth)
+        metrics["crs"] = str(crs)
+    metrics["damage"] = str(damage_path)
+    metrics["truth"] = str(truth_path)
+    return metrics
+
+
+def _has_features(path: Path) -> bool:
+    """False for a readable vector file with zero features (an empty damage map is valid)."""
+    import pyogrio
+
+    io._check_file(Path(path), "damage file")
+    try:
+        return pyogrio.read_info(path)["features"] != 0
+    except Exception as exc:  # noqa: BLE001 - any driver error is a data error here
+        raise DataError(f"{path}: damage file could not be read ({io._first_line(exc)})") from exc

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import rasterio
+
+from changedetect import io
+from changedetect.errors import DataError, OutputExistsError
+from changedetect.grid import Grid
+from conftest import rgb_scene
+
+
+def test_read_grid_scales_uint8(make_raster):
+    path = make_raster(rgb_scene((32, 32)))
+    arr, valid, scale = io.read_grid(path)
+    assert arr.dtype == np.float32 and arr.shape == (3, 32, 32)
+    assert scale == 255.0 and valid.all()
+    assert arr.max() <= 1.0
+
+
+def test_read_grid_nodata_is_invalid(make_raster):
+    a = rgb_scene((32, 32))
+    a[:, :, :4] = 0
+    path = make_raster(a, nodata=0)
+    _, valid, _ = io.read_grid(path)
+    assert not valid[:, :4].any()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "raster not found"),
+        ("dir", "is a directory"),
+        ("empty", "raster is empty"),
+        ("text", "not a readable raster"),
+    ],
+)
+def test_bad_raster_messages(tmp_path, setup, message):
+    path = tmp_path / "x.tif"
+    if setup == "dir":
+        path.mkdir()
+    elif setup == "empty":
+        path.write_bytes(b"")
+    elif setup == "text":
+        path.write_text("this is not an image\n")
+    with pytest.raises(DataError, match=message) as err:
+        io.raster_info(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_not_georeferenced(tmp_path):
+    path = tmp_path / "plain.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.zeros((1, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="no georeferencing"):
+        io.raster_info(path)
+
+
+def test_pixel_limit_refuses_before_reading(make_raster):
+    path = make_raster(np.zeros((1, 64, 64), np.uint8))
+    with pytest.raises(DataError, match="above the limit"):
+        io.read_grid(path, max_pixels=1000)
+
+
+def test_write_cog_is_cog_deterministic_and_atomic(tmp_path, make_raster):
+    info = io.raster_info(make_raster(rgb_scene((300, 300))))
+    arr = np.random.default_rng(1).random((300, 300), dtype=np.float32)
+    arr[:10] = np.nan
+    p1, p2 = tmp_path / "a.tif", tmp_path / "b.tif"
+    io.write_cog(p1, arr, info.grid, nodata=float("nan"), tags={"K": {"a": 1}})
+    io.write_cog(p2, arr, info.grid, nodata=float("nan"), tags={"K": {"a": 1}})
+    assert p1.read_bytes() == p2.read_bytes()
+    with rasterio.open(p1) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.tags()["K"] == '{"a": 1}'
+    with pytest.raises(OutputExistsError, match="exists"):
+        io.write_cog(p1, arr, info.grid)
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_atomic_output_removes_partial_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), io.atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_refuses_and_cleans(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), io.OutputFolder(out) as folder:
+        folder.file("a.txt").write_text("x")
+        raise KeyboardInterrupt
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("k")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        io.OutputFolder(out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_warp_to_grid_with_shift_moves_content(make_raster):
+    a = rgb_scene((64, 64))
+    path = make_raster(a)
+    info = io.raster_info(path)
+    out, valid, dtype, _ = io.warp_to_grid(path, info.grid.shifted(2, 3), resampling="nearest")
+    assert dtype == "uint8"
+    assert np.array_equal(out[:, :50, :50], a[:, 2:52, 3:53].astype(np.float32))
+    assert not valid[-1].any()
+
+
+def test_grid_window_and_bounds():
+    from affine import Affine
+
+    g = Grid("EPSG:32637", Affine(0.5, 0, 100, 0, -0.5, 200), 10, 20)
+    assert g.bounds == (100, 190, 105, 200)
+    assert g.window_grid(2, 4, 5, 6).transform.c == 102
