@@ -173,3 +173,35 @@ def test_evaluate_command(runner, tmp_path):
     assert r["objects"]["by_class"]["destroyed"]["found"] == 1
     res = runner.invoke(cli, ["evaluate", str(tmp_path / "d.geojson"), str(tmp_path / "missing.geojson")])
     assert res.exit_code == 1 and "truth file not found" in res.stderr
+
+
+def test_verify_detects_changed_missing_extra(runner, pair, tmp_path):
+    before, after = pair
+    out = tmp_path / "out"
+    assert runner.invoke(cli, ["detect", str(before), str(after), "-o", str(out)]).exit_code == 0
+    res = runner.invoke(cli, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "OK" in res.output
+    (out / "summary.json").write_text("{}")
+    (out / "quicklook.png").unlink()
+    (out / "planted.txt").write_text("x")
+    res = runner.invoke(cli, ["verify", str(out)])
+    assert res.exit_code == 1
+    assert "changed: summary.json" in res.stderr
+    assert "missing: quicklook.png" in res.stderr
+    assert "extra file: planted.txt" in res.stderr
+
+
+def test_verify_rerun_reproduces(runner, pair, tmp_path):
+    before, after = pair
+    out = tmp_path / "out"
+    assert runner.invoke(cli, ["detect", str(before), str(after), "-o", str(out)]).exit_code == 0
+    res = runner.invoke(cli, ["verify", str(out), "--rerun"])
+    assert res.exit_code == 0, res.output
+    assert "re-run compared" in res.output
+
+
+def test_verify_not_an_output_folder(runner, tmp_path):
+    res = runner.invoke(cli, ["verify", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "manifest not found" in res.stderr

@@ -423,9 +423,94 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
             inputs=input_records, outputs=outputs, parameters=config.parameters(), dates=dates,
             started=started, finished=utc_now(), command=command_line(),
         )
+        manifest["config"] = _resolved_config(config)
         io.write_json(out.file(MANIFEST_NAME), manifest)
         written = out.commit(last=MANIFEST_NAME)
     return RunResult(outdir=Path(outdir), outputs=written, summary=summary)
+
+
+def _resolved_config(config: PipelineConfig) -> dict[str, Any]:
+    """The configuration with absolute input paths, enough to re-run (``verify --rerun``)."""
+    data = config.model_dump(mode="json", exclude={"output"})
+    for key, value in data["inputs"].items():
+        if isinstance(value, str):
+            data["inputs"][key] = str(Path(value).resolve())
+    return data
+
+
+def verify(outdir: Path, *, rerun: bool = False, ignore_sidecars: bool = True) -> dict[str, Any]:
+    """Check an output folder against its manifest (and optionally re-run it).
+
+    Returns a report with ``ok`` and lists of ``changed``, ``missing``, ``extra``
+    outputs, ``inputs_changed`` / ``inputs_missing``, and, with ``rerun``, the
+    outputs whose re-computed hash differs (``rerun_differs``).
+    """
+    import json
+    import tempfile
+
+    from .config import config_from_dict
+
+    outdir = Path(outdir)
+    mpath = outdir / MANIFEST_NAME
+    if not outdir.is_dir():
+        raise DataError(f"{outdir}: output folder not found")
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: manifest not found (not a changedetect output folder, or an incomplete run)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        records = {r["path"]: r for r in manifest["outputs"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{mpath}: manifest is not valid ({exc})") from exc
+    changed, missing = [], []
+    for name, rec in sorted(records.items()):
+        path = outdir / name
+        if not path.is_file():
+            missing.append(name)
+        elif path.stat().st_size != rec.get("bytes") or io.sha256_file(path) != rec.get("sha256"):
+            changed.append(name)
+    ignored = []
+    extra = []
+    for p in sorted(outdir.rglob("*")):
+        if not p.is_file():
+            continue
+        name = p.relative_to(outdir).as_posix()
+        if name == MANIFEST_NAME or name in records:
+            continue
+        if ignore_sidecars and name.endswith(".aux.xml"):
+            ignored.append(name)
+        else:
+            extra.append(name)
+    inputs_changed, inputs_missing = [], []
+    for key, rec in sorted(manifest.get("inputs", {}).items()):
+        path = Path(rec.get("path", ""))
+        if not path.is_file():
+            inputs_missing.append(key)
+        elif io.sha256_file(path) != rec.get("sha256"):
+            inputs_changed.append(key)
+    report: dict[str, Any] = {
+        "outdir": str(outdir),
+        "checked": len(records),
+        "changed": changed,
+        "missing": missing,
+        "extra": extra,
+        "ignored_sidecars": ignored,
+        "inputs_changed": inputs_changed,
+        "inputs_missing": inputs_missing,
+    }
+    if rerun:
+        if "config" not in manifest:
+            raise DataError(f"{mpath}: manifest has no recorded configuration to re-run")
+        if inputs_missing or inputs_changed:
+            raise DataError(f"{mpath}: cannot re-run: input(s) {', '.join(inputs_missing + inputs_changed)} missing or changed")
+        config = config_from_dict(manifest["config"], source=str(mpath))
+        with tempfile.TemporaryDirectory(prefix="changedetect-rerun-") as tmp:
+            result = run(config, outdir=Path(tmp) / outdir.name)
+            fresh = {p.name: io.sha256_file(p) for p in result.outputs if p.name != MANIFEST_NAME}
+        report["rerun_differs"] = sorted(
+            n for n in set(records) | set(fresh) if records.get(n, {}).get("sha256") != fresh.get(n)
+        )
+    report["ok"] = not (changed or missing or extra or inputs_changed or report.get("rerun_differs"))
+    return report
 
 
 def _write_after(path: Path, arr: np.ndarray, valid: np.ndarray, grid: Grid, dtype: str, nodata: float | None, config: PipelineConfig) -> None:

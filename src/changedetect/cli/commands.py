@@ -175,3 +175,38 @@ def sample(name: str, outdir: Path, overwrite: bool) -> None:
 
     paths = write_sample(Path(outdir), overwrite=overwrite)
     click.echo(f"wrote {len(paths)} files to {outdir}")
+
+
+@click.command()
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--rerun", is_flag=True, help="Also re-run the recorded configuration into a temporary folder and compare hashes.")
+@click.option("--strict", is_flag=True, help="Count QGIS statistics sidecars (*.aux.xml) as extra files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify(outdir: Path, rerun: bool, strict: bool, as_json: bool) -> None:
+    """Check every output in OUTDIR against the hashes in its manifest.
+
+    Exit 0 when every file matches; exit 1 naming each changed, missing or extra
+    file (and, with --rerun, each output that a fresh run does not reproduce).
+
+    \b
+    Example:
+      changedetect verify output/harem
+      changedetect verify output/harem --rerun
+    """
+    from ..pipeline import verify as verify_outputs
+
+    report = verify_outputs(outdir, rerun=rerun, ignore_sidecars=not strict)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        for key, label in (("changed", "changed"), ("missing", "missing"), ("extra", "extra file"),
+                           ("inputs_changed", "input changed"), ("inputs_missing", "input not found (not checked)"),
+                           ("rerun_differs", "not reproduced by re-run")):
+            for name in report.get(key, []):
+                click.echo(f"{label}: {name}", err=key != "inputs_missing")
+        if report["ignored_sidecars"]:
+            click.echo(f"ignored {len(report['ignored_sidecars'])} *.aux.xml sidecar(s) (written by QGIS)")
+        verdict = "OK" if report["ok"] else "FAILED"
+        click.echo(f"{verdict}: {report['checked']} output(s) checked in {outdir}" + (", re-run compared" if rerun else ""))
+    if not report["ok"]:
+        raise SystemExit(1)

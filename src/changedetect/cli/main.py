@@ -95,9 +95,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from .commands import coregister, detect, evaluate, run, sample
+    from .commands import coregister, detect, evaluate, run, sample, verify
 
-    for cmd in (run, detect, coregister, evaluate, sample):
+    for cmd in (run, detect, coregister, evaluate, verify, sample):
         cli.add_command(cmd)
 
 
