@@ -59,3 +59,25 @@ def rgb_scene(shape=(160, 160), *, seed=2841):
     t = textured(shape, seed=seed)
     bands = [t, 0.9 * t + 0.05, 0.8 * t + 0.1]
     return np.clip(np.stack(bands) * 255, 0, 255).astype(np.uint8)
+
+
+#: Content displacement (dy, dx) of the ``pair`` fixture's after image, in pixels.
+PAIR_SHIFT = (3.4, -5.7)
+
+
+@pytest.fixture
+def pair(make_raster):
+    """A 160 px textured scene and a shifted, re-coloured copy with a planted 10 x 10 m change.
+
+    The change covers rows 70:90 and columns 80:100 of the before image (0.5 m pixels).
+    """
+    before = rgb_scene((200, 200), seed=11)
+    after = np.stack([ndi.shift(b.astype(np.float32), PAIR_SHIFT, order=3, mode="nearest") for b in before])
+    after = np.clip(after * 1.15 + 8, 0, 255)
+    rng = np.random.default_rng(5)
+    rubble = ndi.gaussian_filter(rng.random((3, 20, 20)), (0, 0.6, 0.6)) * 255
+    r0, c0 = 90 + round(PAIR_SHIFT[0]), 100 + round(PAIR_SHIFT[1])
+    after[:, r0 : r0 + 20, c0 : c0 + 20] = rubble
+    b = make_raster(before[:, 20:180, 20:180], name="before.tif")
+    a = make_raster(after.astype(np.uint8)[:, 20:180, 20:180], name="after.tif")
+    return b, a

@@ -67,7 +67,8 @@ def test_score_flags_planted_rubble_not_unchanged():
     assert np.nanmean(inside) > 0.6
     assert np.nanpercentile(outside, 99) < 0.3
     assert layers.score.dtype == np.float32
-    assert np.nanmin(layers.score) >= 0 and np.nanmax(layers.score) <= 1
+    assert np.nanmin(layers.score) >= 0
+    assert np.nanmax(layers.score) <= 1
 
 
 def test_score_ignores_colour_only_change():
@@ -82,7 +83,8 @@ def test_inputs_not_modified():
     before, after = _scene_pair()
     b0, a0 = before.copy(), after.copy()
     change.change_layers(before, after, pixel_size=0.5)
-    assert np.array_equal(before, b0) and np.array_equal(after, a0)
+    assert np.array_equal(before, b0)
+    assert np.array_equal(after, a0)
 
 
 def test_otsu_valid_constant_and_empty():

@@ -2,37 +2,20 @@
 
 import json
 
-import numpy as np
 import pytest
 import rasterio
-from scipy import ndimage as ndi
 
 from changedetect import __version__
 from changedetect.cli.main import cli
-from conftest import rgb_scene
+from conftest import PAIR_SHIFT, rgb_scene
 
-SHIFT = (3.4, -5.7)  # after content displaced by (dy, dx) px
-
-
-@pytest.fixture
-def pair(make_raster):
-    """A 160 px textured scene and a shifted, re-coloured copy with a planted 10 x 10 m change."""
-    before = rgb_scene((200, 200), seed=11)
-    after = np.stack([ndi.shift(b.astype(np.float32), SHIFT, order=3, mode="nearest") for b in before])
-    after = np.clip(after * 1.15 + 8, 0, 255)
-    rng = np.random.default_rng(5)
-    rubble = ndi.gaussian_filter(rng.random((3, 20, 20)), (0, 0.6, 0.6)) * 255
-    # the planted change sits at before rows/cols 90:110, i.e. after 90+dy, 100+dx
-    r0, c0 = 90 + round(SHIFT[0]), 100 + round(SHIFT[1])
-    after[:, r0 : r0 + 20, c0 : c0 + 20] = rubble
-    b = make_raster(before[:, 20:180, 20:180], name="before.tif")
-    a = make_raster(after.astype(np.uint8)[:, 20:180, 20:180], name="after.tif")
-    return b, a
+SHIFT = PAIR_SHIFT
 
 
 def test_version_and_help(runner):
     res = runner.invoke(cli, ["--version"])
-    assert res.exit_code == 0 and __version__ in res.output
+    assert res.exit_code == 0
+    assert __version__ in res.output
     for cmd in ("run", "detect", "coregister", "evaluate", "sample"):
         res = runner.invoke(cli, [cmd, "--help"])
         assert res.exit_code == 0, cmd
@@ -65,7 +48,9 @@ def test_detect_finds_planted_change(runner, pair, tmp_path):
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert src.dtypes[0] == "float32"
     with rasterio.open(out / "after_coregistered.tif") as src, rasterio.open(before) as ref:
-        assert src.transform == ref.transform and src.crs == ref.crs and src.shape == ref.shape
+        assert src.transform == ref.transform
+        assert src.crs == ref.crs
+        assert src.shape == ref.shape
     manifest = json.loads((out / "manifest.json").read_text())
     listed = {r["path"] for r in manifest["outputs"]}
     assert listed == names - {"manifest.json"}
@@ -108,7 +93,8 @@ def test_bad_after_image(runner, pair, tmp_path, make, code, message):
     res = runner.invoke(cli, ["detect", str(before), str(bad), "-o", str(tmp_path / "o")])
     assert res.exit_code == code
     assert res.stderr.count("\n") == 1
-    assert str(bad) in res.stderr and message in res.stderr
+    assert str(bad) in res.stderr
+    assert message in res.stderr
     assert "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
 
@@ -125,7 +111,8 @@ def test_no_overlap(runner, pair, make_raster, tmp_path):
 
 def test_missing_pipeline_and_bad_key(runner, pair, tmp_path):
     res = runner.invoke(cli, ["run", str(tmp_path / "none.toml")])
-    assert res.exit_code == 2 and "pipeline file not found" in res.stderr
+    assert res.exit_code == 2
+    assert "pipeline file not found" in res.stderr
     before, after = pair
     p = tmp_path / "p.toml"
     p.write_text(f'[inputs]\nbefore = "{before.name}"\nafter = "{after.name}"\n[damage]\nminarea = 1\n')
@@ -154,7 +141,8 @@ def test_coregister_command(runner, pair, tmp_path):
     report = json.loads(out.with_name("aligned.coregistration.json").read_text())
     assert report["shift_px"]["dy"] == pytest.approx(SHIFT[0], abs=0.1)
     res = runner.invoke(cli, ["coregister", str(before), str(after), "-o", str(out)])
-    assert res.exit_code == 2 and "exists" in res.stderr
+    assert res.exit_code == 2
+    assert "exists" in res.stderr
     assert aligned.std() > 0
 
 
@@ -172,7 +160,8 @@ def test_evaluate_command(runner, tmp_path):
     assert r["recall"] == pytest.approx(0.25, abs=1e-3)
     assert r["objects"]["by_class"]["destroyed"]["found"] == 1
     res = runner.invoke(cli, ["evaluate", str(tmp_path / "d.geojson"), str(tmp_path / "missing.geojson")])
-    assert res.exit_code == 1 and "truth file not found" in res.stderr
+    assert res.exit_code == 1
+    assert "truth file not found" in res.stderr
 
 
 def test_verify_detects_changed_missing_extra(runner, pair, tmp_path):

@@ -28,11 +28,14 @@ def test_object_recall_30_percent_rule_and_classes():
     truth = [box(0, 0, 10, 10), box(20, 0, 30, 10), box(40, 0, 50, 10)]
     pred = [box(0, 0, 10, 3.5), box(20, 0, 30, 2.5)]  # 35 % and 25 % covered
     r = evaluate.object_recall(truth, pred, classes=["destroyed", "destroyed", "moderate"])
-    assert r["found"] == 1 and r["total"] == 3
+    assert r["found"] == 1
+    assert r["total"] == 3
     assert r["by_class"]["destroyed"] == {"found": 1, "total": 2, "recall": 0.5}
     assert r["by_class"]["moderate"]["found"] == 0
 
 
 def test_empty_prediction():
     m = evaluate.area_metrics([], [box(0, 0, 1, 1)])
-    assert m.recall == 0 and m.precision == 1.0 and m.f1 == 0
+    assert m.recall == 0
+    assert m.precision == 1.0
+    assert m.f1 == 0

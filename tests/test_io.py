@@ -11,8 +11,10 @@ from conftest import rgb_scene
 def test_read_grid_scales_uint8(make_raster):
     path = make_raster(rgb_scene((32, 32)))
     arr, valid, scale = io.read_grid(path)
-    assert arr.dtype == np.float32 and arr.shape == (3, 32, 32)
-    assert scale == 255.0 and valid.all()
+    assert arr.dtype == np.float32
+    assert arr.shape == (3, 32, 32)
+    assert scale == 255.0
+    assert valid.all()
     assert arr.max() <= 1.0
 
 

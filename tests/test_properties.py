@@ -35,7 +35,9 @@ def test_change_layers_no_nan_leak_shapes_dtypes_inputs_kept(pair):
     assert not (layers.valid & ~valid).any()
     s = layers.score[layers.valid]
     assert np.all((s >= 0) & (s <= 1))
-    assert np.array_equal(before, b0) and np.array_equal(after, a0) and np.array_equal(valid, v0)
+    assert np.array_equal(before, b0)
+    assert np.array_equal(after, a0)
+    assert np.array_equal(valid, v0)
 
 
 @SETTINGS
@@ -51,7 +53,8 @@ def test_normalisation_finite_and_inputs_kept(pair):
         if method == "linear" and valid.sum() < 2:
             continue
         out, fit = radiometry.normalize(after, before, method=method, valid=valid)
-        assert out.shape == after.shape and out.dtype == np.float32
+        assert out.shape == after.shape
+        assert out.dtype == np.float32
         assert np.isfinite(out).all()
         assert np.array_equal(out[:, ~valid], after[:, ~valid])
     assert np.array_equal(after, a0)
@@ -62,7 +65,8 @@ def test_normalisation_finite_and_inputs_kept(pair):
 def test_clean_mask_is_subset_of_closing_and_keeps_input(mask, pixel_size):
     m0 = mask.copy()
     out = damage.clean_mask(mask, pixel_size=pixel_size, min_area_m2=1.0)
-    assert out.shape == mask.shape and out.dtype == bool
+    assert out.shape == mask.shape
+    assert out.dtype == bool
     assert np.array_equal(mask, m0)
     refined = damage.refine_boundaries(out, np.where(out, 0.8, 0.0))
     assert not (refined & ~out).any()
@@ -81,4 +85,5 @@ def test_config_parser_never_crashes(data):
         config_from_dict(data, source="p.toml")
     except ConfigError as exc:
         msg = str(exc)
-        assert msg.startswith("p.toml: ") and "\n" not in msg
+        assert msg.startswith("p.toml: ")
+        assert "\n" not in msg

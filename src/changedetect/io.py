@@ -54,6 +54,7 @@ class RasterInfo:
     nodata: float | None
     tags: dict[str, str] = field(default_factory=dict)
     descriptions: tuple[str | None, ...] = ()
+    colorinterp: tuple[str, ...] = ()
 
     @property
     def acquisition_date(self) -> str | None:
@@ -114,6 +115,7 @@ def raster_info(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
             nodata=src.nodata,
             tags=dict(src.tags()),
             descriptions=tuple(src.descriptions),
+            colorinterp=tuple(ci.name for ci in src.colorinterp),
         )
 
 
@@ -289,6 +291,7 @@ def write_cog(
     descriptions: list[str] | None = None,
     overwrite: bool = False,
     predictor: int | None = None,
+    colorinterp: list[str] | None = None,
 ) -> Path:
     """Write a Cloud-Optimized GeoTIFF atomically.
 
@@ -302,6 +305,9 @@ def write_cog(
     valid : (rows, cols) bool ndarray, optional
         Written as an internal per-dataset mask instead of a nodata value (used for
         integer data where every value may be real data).
+    colorinterp : list of str, optional
+        Colour interpretation per band (``["red", "green", "blue"]``), so viewers
+        show an RGB image as such.
     """
     path = Path(path)
     if array.ndim == 2:
@@ -331,6 +337,10 @@ def write_cog(
                 dst.update_tags(**{k: _tag_text(v) for k, v in tags.items()})
             for i, desc in enumerate(descriptions or [], start=1):
                 dst.set_band_description(i, desc)
+            if colorinterp:
+                from rasterio.enums import ColorInterp
+
+                dst.colorinterp = [ColorInterp[c] for c in colorinterp]
     return path
 
 

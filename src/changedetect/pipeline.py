@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, io
 from . import change as change_mod
 from . import coregister as coreg
 from . import damage as damage_mod
-from . import io
 from .config import PipelineConfig
 from .errors import ConfigError, CoregistrationWarning, DataError, NoOverlapError
 from .grid import Grid
@@ -287,7 +286,8 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
             resampling=config.coregister.resampling, max_pixels=limit,
             enabled=config.coregister.enabled, reference=(before_full, bvalid_full),
         )
-        _write_after(out.file("after_coregistered.tif"), after_full, avalid_full, ref_grid, adtype, anodata, config)
+        _write_after(out.file("after_coregistered.tif"), after_full, avalid_full, ref_grid, adtype, config,
+                     colorinterp=_colorinterp(ainfo, bands))
         ascale = 255.0 if np.dtype(adtype) == np.uint8 else io._robust_scale(np.nan_to_num(after_full), avalid_full)
         after_full = np.nan_to_num(after_full) / np.float32(ascale)
         valid_full = bvalid_full & avalid_full
@@ -513,14 +513,25 @@ def verify(outdir: Path, *, rerun: bool = False, ignore_sidecars: bool = True) -
     return report
 
 
-def _write_after(path: Path, arr: np.ndarray, valid: np.ndarray, grid: Grid, dtype: str, nodata: float | None, config: PipelineConfig) -> None:
+def _colorinterp(info: io.RasterInfo, bands: list[int]) -> list[str] | None:
+    """Colour interpretation of the selected bands; RGB for 3+ band images that declare none."""
+    names = [info.colorinterp[b - 1] for b in bands] if info.colorinterp else []
+    if len(bands) >= 3 and not {"red", "green", "blue"} <= set(names):
+        names = ["red", "green", "blue"] + ["undefined"] * (len(bands) - 3)
+    return names or None
+
+
+def _write_after(
+    path: Path, arr: np.ndarray, valid: np.ndarray, grid: Grid, dtype: str, config: PipelineConfig,
+    *, colorinterp: list[str] | None = None,
+) -> None:
     """after_coregistered.tif: the after image's bands on the before grid, source dtype."""
     out = np.nan_to_num(arr)
     if np.issubdtype(np.dtype(dtype), np.integer):
         info = np.iinfo(np.dtype(dtype))
         out = np.clip(np.rint(out), info.min, info.max)
     io.write_cog(
-        path, out.astype(dtype), grid, nodata=None, valid=valid,
+        path, out.astype(dtype), grid, nodata=None, valid=valid, colorinterp=colorinterp,
         tags={"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters(),
               "LAYER": "after image co-registered onto the before grid"},
     )
@@ -535,7 +546,7 @@ def _summary(config, aois, damage, aoi_win, ssim, pixel_size, threshold_info, re
         d = damage[damage["aoi"] == name] if len(damage) else damage
         damaged = float(d["area_m2"].sum()) if len(d) else 0.0
         vals = ssim[sel & np.isfinite(ssim)]
-        by_sev = {s: int((d["severity"] == s).sum()) for s in SEVERITY_ORDER} if len(d) else {s: 0 for s in SEVERITY_ORDER}
+        by_sev = {s: int((d["severity"] == s).sum()) for s in SEVERITY_ORDER} if len(d) else dict.fromkeys(SEVERITY_ORDER, 0)
         per_aoi[name] = {
             "area_m2": round(area, 2),
             "analysed_area_m2": round(float(np.count_nonzero(sel & np.isfinite(ssim))) * px_area, 2),
@@ -612,6 +623,7 @@ def coregister_files(
     descriptions = [d or f"band {i}" for i, d in enumerate(tinfo.descriptions, start=1)]
     io.write_cog(
         out, arr.astype(dtype), rinfo.grid, valid=valid, overwrite=overwrite, descriptions=descriptions,
+        colorinterp=_colorinterp(tinfo, list(range(1, tinfo.count + 1))),
         tags={"CHANGEDETECT_VERSION": __version__, "COREGISTRATION_SHIFT_PX": report["shift_px"]},
     )
     io.write_json(report_path, report, overwrite=overwrite)
