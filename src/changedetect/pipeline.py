@@ -409,6 +409,14 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
             title=f"{config.name}: {len(damage)} damage polygon(s)",
         )
 
+        # styled layers, QGIS project, GeoPackage and report, made from the files above.
+        from .publish import publish_outputs
+
+        publish_outputs(
+            out.staging, crs=ref_grid.crs, summary=summary,
+            inputs={k: getattr(inputs, k) for k in ("before", "after", "aois", "sites", "truth") if getattr(inputs, k)},
+        )
+
         # manifest last.
         outputs = [io.file_record(p, relative_to=out.staging) for p in out.staged()]
         input_records = {
