@@ -26,11 +26,18 @@ Method
    highest value outside a small exclusion zone is the quality figure
    ``peak_ratio``.
 3. The integer estimate is refined level by level (search of +/-2 pixels on a
-   window of bounded size), then to sub-pixel precision at full resolution by
-   the upsampled matrix-multiply DFT of Guizar-Sicairos et al. (2008) applied to
-   the Hann-tapered, band-passed, mean-free windows with no spectral
-   normalisation (phase normalisation biases sub-pixel estimates of
-   band-limited imagery), followed by a parabolic fit on the upsampled grid.
+   window of bounded size). At full resolution the two windows are reweighted
+   by their local similarity (correlation coefficient in 16-pixel blocks), so
+   that changed areas drop out, and the sub-pixel peak of their tapered,
+   band-passed, mean-free cross-correlation without spectral normalisation
+   (phase normalisation biases sub-pixel estimates of band-limited imagery) is
+   located with the upsampled matrix-multiply DFT of Guizar-Sicairos et al.
+   (2008) and a parabolic fit on the upsampled grid. The moving window is then
+   resampled onto the estimate and the residual measured again (up to three
+   times), which removes the bias of a taper that stays put while the content
+   moves. The taper is a Tukey window (Hann flanks over the outer 12.5 % of
+   each side): a full Hann window leaves almost no weight near the window
+   edges, where in a mostly changed scene the only stable content may lie.
 4. Consensus (:func:`estimate_shift_tiles`, and by default inside
    :func:`estimate_shift`): the same coarse-to-fine search runs independently in
    a grid of windows (tie points). Windows with a good peak ratio vote; the
@@ -112,6 +119,11 @@ _MAD_FLOOR = 0.25
 _MAX_RMSE = 1.0
 # Global and consensus estimates that differ by more than this (px) disagree.
 _AGREE_TOL = 1.0
+# Largest matrix product (multiply-adds) handed to BLAS in one call.
+_BLAS_CHUNK = 60_000
+# Default window sizes of the consensus (pixels), for large and small images.
+_DEFAULT_TILE_LARGE = 256
+_DEFAULT_TILE_SMALL = 128
 
 
 # ----------------------------------------------------------------------------
@@ -194,9 +206,10 @@ class ShiftEstimate:
         Pixels with weight in both images that the final (sub-pixel) estimate
         used, summed over the inlier windows for a consensus.
     reliable : bool
-        True if the peak ratio is high enough and the estimate passed its
-        consistency checks (coarse-to-fine agreement; for a consensus, enough
-        agreeing windows, a majority of them, and a small residual RMSE).
+        For ``"global"``: the peak ratio reaches ``min_peak_ratio`` and every
+        coarse-to-fine refinement stayed inside its search window. For
+        ``"tiles"``: at least ``min_inliers`` windows agree, no rival cluster of
+        votes is even half as large, and their RMSE is at most 1 pixel.
     method : str
         ``"global"`` (whole-image coarse-to-fine), ``"tiles"`` (consensus of
         windows) or ``"none"`` (nothing measurable).
@@ -251,7 +264,9 @@ class ShiftEstimate:
             "rmse": _json_float(self.rmse),
         }
         if tie_points:
-            out["tie_points"] = None if self.tie_points is None else self.tie_points.as_dict()
+            out["tie_points"] = (
+                None if self.tie_points is None else self.tie_points.as_dict()
+            )
         return out
 
 
@@ -274,17 +289,25 @@ class _Window:
 def _check_image(image: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim not in (2, 3):
-        raise ValueError(f"{name} must be a (rows, cols) or (bands, rows, cols) array, got {arr.ndim} dimensions")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
+        raise ValueError(
+            f"{name} must be a (rows, cols) or (bands, rows, cols) array, got {arr.ndim} dimensions"
+        )
+    if not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+    ) or np.iscomplexobj(arr):
         raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim == 3 and arr.shape[0] == 0:
         raise ValueError(f"{name} has no band")
     if min(arr.shape[-2:]) < 16:
-        raise ValueError(f"{name} must be at least 16 x 16 pixels, got {arr.shape[-2:]}")
+        raise ValueError(
+            f"{name} must be at least 16 x 16 pixels, got {arr.shape[-2:]}"
+        )
     return arr
 
 
-def _check_valid(valid: ArrayLike | None, image: np.ndarray, name: str) -> np.ndarray | None:
+def _check_valid(
+    valid: ArrayLike | None, image: np.ndarray, name: str
+) -> np.ndarray | None:
     if valid is None:
         return None
     mask = np.asarray(valid)
@@ -295,8 +318,10 @@ def _check_valid(valid: ArrayLike | None, image: np.ndarray, name: str) -> np.nd
     if mask.shape == image.shape[-2:]:
         return mask
     if mask.ndim == 3 and image.ndim == 3 and mask.shape == image.shape:
-        return mask.all(axis=0)
-    raise ValueError(f"{name} must have shape {image.shape[-2:]} (or the image's shape), got {mask.shape}")
+        return np.asarray(mask.all(axis=0))
+    raise ValueError(
+        f"{name} must have shape {image.shape[-2:]} (or the image's shape), got {mask.shape}"
+    )
 
 
 def _check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
@@ -322,14 +347,22 @@ def _check_sigmas(sigma_low: float, sigma_high: float) -> tuple[float, float]:
     sigma_low = _check_positive(sigma_low, "sigma_low")
     sigma_high = _check_positive(sigma_high, "sigma_high")
     if sigma_high <= sigma_low:
-        raise ValueError(f"sigma_high must be larger than sigma_low, got {sigma_high} <= {sigma_low}")
+        raise ValueError(
+            f"sigma_high must be larger than sigma_low, got {sigma_high} <= {sigma_low}"
+        )
     return sigma_low, sigma_high
 
 
-def _luminance(image: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _luminance(
+    image: np.ndarray, valid: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean of the bands as float32 and the mask of valid, finite pixels."""
     if image.ndim == 3:
-        lum = image.mean(axis=0, dtype=np.float32) if image.shape[0] > 1 else image[0].astype(np.float32)
+        lum = (
+            image.mean(axis=0, dtype=np.float32)
+            if image.shape[0] > 1
+            else image[0].astype(np.float32)
+        )
     else:
         lum = image.astype(np.float32)  # always a copy: the input is never touched
     finite = np.isfinite(lum)
@@ -344,17 +377,14 @@ def _luminance(image: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray,
 # ----------------------------------------------------------------------------
 
 
-def _workers(n_pixels: int) -> int:
-    """Threads for an FFT: all cores for large arrays, one for small ones."""
-    return 1 if n_pixels < 1 << 22 else -1
-
-
 def _edge_gain(n: int, size: int, sigma: float) -> np.ndarray:
     """Gaussian filter of a row of ``n`` ones in a zero-padded, ``size``-long circle."""
     ones = np.zeros(size, np.float32)
     ones[:n] = 1.0
     freq = sfft.rfftfreq(size).astype(np.float32)
-    gain = sfft.irfft(sfft.rfft(ones) * np.exp(-2.0 * (np.pi * sigma * freq) ** 2), n=size)
+    gain = sfft.irfft(
+        sfft.rfft(ones) * np.exp(-2.0 * (np.pi * sigma * freq) ** 2), n=size
+    )
     return gain[:n].astype(np.float32)
 
 
@@ -387,8 +417,10 @@ def _prepare(
     if n == 0:
         return feature, weight
     pad = int(math.ceil(4.0 * sigma_high))
-    size = (sfft.next_fast_len(rows + pad, real=True), sfft.next_fast_len(cols + pad, real=True))
-    workers = _workers(rows * cols)
+    size = (
+        sfft.next_fast_len(rows + pad, real=True),
+        sfft.next_fast_len(cols + pad, real=True),
+    )
     full = n == mask.size
     m = mask.astype(np.float32)
     offset = np.float32(lum.mean() if full else lum[mask].mean())
@@ -397,30 +429,44 @@ def _prepare(
     g_high = _gaussian_transfer(size, sigma_high)
     if full:
         # Separable normalisation of an all-valid image: two 1-D filters.
-        spec = sfft.rfft2(x, s=size, workers=workers)
-        num = sfft.irfft2(np.stack([spec * g_low, spec * g_high]), s=size, axes=(-2, -1), workers=workers)
-        den_low = np.outer(_edge_gain(rows, size[0], sigma_low), _edge_gain(cols, size[1], sigma_low))
-        den_high = np.outer(_edge_gain(rows, size[0], sigma_high), _edge_gain(cols, size[1], sigma_high))
-        filt = (num[0, :rows, :cols], den_low, num[1, :rows, :cols], den_high)
-    else:
-        spec = sfft.rfft2(np.stack([x, m]), s=size, axes=(-2, -1), workers=workers)
-        out = sfft.irfft2(
-            np.stack([spec[0] * g_low, spec[1] * g_low, spec[0] * g_high, spec[1] * g_high]),
+        spec = sfft.rfft2(x, s=size)
+        num = sfft.irfft2(
+            np.stack([spec * g_low, spec * g_high]),
             s=size,
             axes=(-2, -1),
-            workers=workers,
+        )
+        den_low = np.outer(
+            _edge_gain(rows, size[0], sigma_low), _edge_gain(cols, size[1], sigma_low)
+        )
+        den_high = np.outer(
+            _edge_gain(rows, size[0], sigma_high), _edge_gain(cols, size[1], sigma_high)
+        )
+        filt = (num[0, :rows, :cols], den_low, num[1, :rows, :cols], den_high)
+    else:
+        spec = sfft.rfft2(np.stack([x, m]), s=size, axes=(-2, -1))
+        out = sfft.irfft2(
+            np.stack(
+                [spec[0] * g_low, spec[1] * g_low, spec[0] * g_high, spec[1] * g_high]
+            ),
+            s=size,
+            axes=(-2, -1),
         )[:, :rows, :cols]
         filt = (out[0], out[1], out[2], out[3])
     eps = np.float32(1e-3)
     ok = mask & (filt[1] > eps) & (filt[3] > eps)
     with np.errstate(divide="ignore", invalid="ignore"):
-        band = np.where(ok, filt[0] / filt[1] - filt[2] / filt[3], np.float32(0.0)).astype(np.float32)
+        band = np.where(
+            ok, filt[0] / filt[1] - filt[2] / filt[3], np.float32(0.0)
+        ).astype(np.float32)
     # Local standard deviation of the band-passed image (normalised too).
-    energy = sfft.irfft2(sfft.rfft2(band * band, s=size, workers=workers) * g_high, s=size, workers=workers)[
-        :rows, :cols
-    ]
+    energy = sfft.irfft2(
+        sfft.rfft2(band * band, s=size) * g_high,
+        s=size,
+    )[:rows, :cols]
     with np.errstate(divide="ignore", invalid="ignore"):
-        local_std = np.sqrt(np.maximum(np.where(ok, energy / filt[3], 0.0), 0.0)).astype(np.float32)
+        local_std = np.sqrt(
+            np.maximum(np.where(ok, energy / filt[3], 0.0), 0.0)
+        ).astype(np.float32)
     core = ok
     if not mask.all():
         radius = int(math.ceil(sigma_low)) + 1
@@ -496,7 +542,9 @@ def prepare(
     arr = _check_image(image, "image")
     mask = _check_valid(valid, arr, "valid")
     sigma_low, sigma_high = _check_sigmas(sigma_low, sigma_high)
-    texture_threshold = _check_positive(texture_threshold, "texture_threshold", allow_zero=True)
+    texture_threshold = _check_positive(
+        texture_threshold, "texture_threshold", allow_zero=True
+    )
     lum, mask = _luminance(arr, mask)
     return _prepare(lum, mask, sigma_low, sigma_high, texture_threshold)
 
@@ -511,7 +559,9 @@ def _downsample(lum: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarr
     rows, cols = lum.shape[0] // 2 * 2, lum.shape[1] // 2 * 2
     x = np.where(mask, lum, np.float32(0.0))[:rows, :cols]
     m = mask[:rows, :cols]
-    out = (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]) * np.float32(0.25)
+    out = (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]) * np.float32(
+        0.25
+    )
     valid = m[0::2, 0::2] & m[1::2, 0::2] & m[0::2, 1::2] & m[1::2, 1::2]
     return out, valid
 
@@ -539,7 +589,9 @@ class _Pyramid:
         rows, cols = self.levels[level][0].shape
         return rows, cols
 
-    def window(self, level: int, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    def window(
+        self, level: int, r0: int, c0: int, h: int, w: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Feature and weight of rows r0:r0+h, cols c0:c0+w (zero outside the image)."""
         lum, mask = self.levels[level]
         rows, cols = lum.shape
@@ -560,15 +612,21 @@ class _Pyramid:
         pa, pb = max(ra - m, 0), min(rb + m, rows)
         qa, qb = max(ca - m, 0), min(cb + m, cols)
         f, wt = _prepare(lum[pa:pb, qa:qb], mask[pa:pb, qa:qb], *self.sigmas)
-        feature[ra - r0 : rb - r0, ca - c0 : cb - c0] = f[ra - pa : rb - pa, ca - qa : cb - qa]
-        weight[ra - r0 : rb - r0, ca - c0 : cb - c0] = wt[ra - pa : rb - pa, ca - qa : cb - qa]
+        feature[ra - r0 : rb - r0, ca - c0 : cb - c0] = f[
+            ra - pa : rb - pa, ca - qa : cb - qa
+        ]
+        weight[ra - r0 : rb - r0, ca - c0 : cb - c0] = wt[
+            ra - pa : rb - pa, ca - qa : cb - qa
+        ]
         return feature, weight
 
 
 def _n_levels(size: int, max_shift: float, min_size: int) -> int:
     """Pyramid levels needed so that the coarsest search is at most a few pixels."""
     levels = 0
-    while max_shift / 2**levels > _COARSE_SHIFT and size // 2 ** (levels + 1) >= min_size:
+    while (
+        max_shift / 2**levels > _COARSE_SHIFT and size // 2 ** (levels + 1) >= min_size
+    ):
         levels += 1
     return levels
 
@@ -592,14 +650,16 @@ def _ncc_surface(
     h, w = f.shape
     size_r, size_c = g.shape
     radius = (size_r - h) // 2
-    size = (sfft.next_fast_len(size_r, real=True), sfft.next_fast_len(size_c, real=True))
+    size = (
+        sfft.next_fast_len(size_r, real=True),
+        sfft.next_fast_len(size_c, real=True),
+    )
     # float32 is enough: the features are band-passed (nearly zero-mean), so
     # the variance terms below do not cancel catastrophically.
     a = np.stack([wf, wf * f, wf * f * f]).astype(np.float32, copy=False)
     b = np.stack([wg, wg * g, wg * g * g]).astype(np.float32, copy=False)
-    workers = _workers(size[0] * size[1])
-    spec_a = np.conj(sfft.rfft2(a, s=size, axes=(-2, -1), workers=workers))
-    spec_b = sfft.rfft2(b, s=size, axes=(-2, -1), workers=workers)
+    spec_a = np.conj(sfft.rfft2(a, s=size, axes=(-2, -1)))
+    spec_b = sfft.rfft2(b, s=size, axes=(-2, -1))
     prods = np.stack(
         [
             spec_a[0] * spec_b[0],
@@ -611,7 +671,7 @@ def _ncc_surface(
         ]
     )
     n = 2 * radius + 1
-    sums = sfft.irfft2(prods, s=size, axes=(-2, -1), workers=workers)[:, :n, :n].astype(np.float64)
+    sums = sfft.irfft2(prods, s=size, axes=(-2, -1))[:, :n, :n].astype(np.float64)
     sw, sf, sg, sff, sgg, sfg = sums
     with np.errstate(divide="ignore", invalid="ignore"):
         cov = sfg - sf * sg / sw
@@ -628,14 +688,19 @@ def _ncc_surface(
     return np.where(ok, np.clip(ncc, -1.0, 1.0), -np.inf)
 
 
-def _peak_ratio(surface: np.ndarray, peak: tuple[int, int], exclusion: int = _EXCLUSION) -> float:
+def _peak_ratio(
+    surface: np.ndarray, peak: tuple[int, int], exclusion: int = _EXCLUSION
+) -> float:
     """Peak value over the highest finite value outside the exclusion zone."""
     top = float(surface[peak])
     if not math.isfinite(top) or top <= 0:
         return 0.0
     rest = surface.copy()
     py, px = peak
-    rest[max(py - exclusion, 0) : py + exclusion + 1, max(px - exclusion, 0) : px + exclusion + 1] = -np.inf
+    rest[
+        max(py - exclusion, 0) : py + exclusion + 1,
+        max(px - exclusion, 0) : px + exclusion + 1,
+    ] = -np.inf
     second = float(rest.max()) if rest.size else -math.inf
     if second <= top / _RATIO_CAP:
         return _RATIO_CAP
@@ -651,14 +716,21 @@ def _taper1d(n: int, alpha: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _hann(h: int, w: int) -> np.ndarray:
-    win = np.outer(_taper1d(h, _TAPER_ALPHA), _taper1d(w, _TAPER_ALPHA)).astype(np.float32)
+def _taper(h: int, w: int) -> np.ndarray:
+    """Read-only 2-D Tukey taper of an (h, w) window (cached)."""
+    win = np.outer(_taper1d(h, _TAPER_ALPHA), _taper1d(w, _TAPER_ALPHA)).astype(
+        np.float32
+    )
     win.setflags(write=False)
     return win
 
 
 def _upsampled_dft(
-    spectrum: np.ndarray, n_cols: int, centre: tuple[float, float], upsample: int, n_points: int
+    spectrum: np.ndarray,
+    n_cols: int,
+    centre: tuple[float, float],
+    upsample: int,
+    n_points: int,
 ) -> np.ndarray:
     """Cross-correlation sampled on a fine grid around ``centre`` (Guizar-Sicairos 2008).
 
@@ -678,7 +750,23 @@ def _upsampled_dft(
         twice[-1] = 1.0
     row_kernel = np.exp(2j * np.pi * np.outer(centre[0] + steps, ky))
     col_kernel = np.exp(2j * np.pi * np.outer(kx, centre[1] + steps)) * twice[:, None]
-    return np.real(row_kernel @ spectrum @ col_kernel)
+    return np.real(_small_matmul(_small_matmul(row_kernel, spectrum), col_kernel))
+
+
+def _small_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` as BLAS calls of at most ``_BLAS_CHUNK`` multiply-adds each.
+
+    A threaded BLAS splits larger products over all cores; for products this
+    small the threads cost more than they save, and on a busy machine (or
+    next to other worker processes) their spin-waiting slows the whole
+    estimate down several times.
+    """
+    step = max(1, _BLAS_CHUNK // max(a.shape[0] * a.shape[1], 1))
+    if b.shape[1] <= step:
+        return a @ b
+    return np.concatenate(
+        [a @ b[:, i : i + step] for i in range(0, b.shape[1], step)], axis=1
+    )
 
 
 def _parabola(minus: float, mid: float, plus: float) -> float:
@@ -690,33 +778,45 @@ def _parabola(minus: float, mid: float, plus: float) -> float:
 
 
 def _subpixel(
-    f: np.ndarray, wf: np.ndarray, g: np.ndarray, wg: np.ndarray, upsample: int, search: int = 1
+    f: np.ndarray,
+    wf: np.ndarray,
+    g: np.ndarray,
+    wg: np.ndarray,
+    upsample: int,
+    search: int = 1,
 ) -> tuple[float, float, bool]:
     """Sub-pixel residual shift of ``g`` relative to ``f`` (both the same size).
 
-    Tapered (Hann x weight), mean-free, not phase-normalised cross-correlation;
+    Tapered (Tukey window x weight), mean-free, not phase-normalised
+    cross-correlation;
     the integer peak is searched within +/-``search`` pixels, then refined by
     the upsampled DFT and a parabolic fit. Returns ``(dy, dx, ok)``; ``ok`` is
     False if the peak is not positive or lies on the edge of the search.
     """
     h, w = f.shape
-    taper = _hann(h, w)
-    ta = wf * taper
-    tb = wg * taper
-    sa, sb = float(ta.sum(dtype=np.float64)), float(tb.sum(dtype=np.float64))
-    if sa <= 0 or sb <= 0:
+    # One weight for both windows: with different weights (e.g. different
+    # no-data edges) the correlation would not be symmetric about the true
+    # shift, and its peak would be biased even once the content is aligned.
+    common = wf * wg * _taper(h, w)
+    total = float(common.sum(dtype=np.float64))
+    if total <= 0:
         return 0.0, 0.0, False
-    a = (f - np.float32(float((f * ta).sum(dtype=np.float64)) / sa)) * ta
-    b = (g - np.float32(float((g * tb).sum(dtype=np.float64)) / sb)) * tb
-    spectra = sfft.rfft2(np.stack([a, b]).astype(np.float64), axes=(-2, -1), workers=_workers(a.size))
-    spectrum = np.conj(spectra[0]) * spectra[1]
+    a = (f - np.float32(float((f * common).sum(dtype=np.float64)) / total)) * common
+    b = (g - np.float32(float((g * common).sum(dtype=np.float64)) / total)) * common
+    spectra = sfft.rfft2(
+        np.stack([a, b]).astype(np.float32, copy=False),
+        axes=(-2, -1),
+    )
+    spectrum = (np.conj(spectra[0]) * spectra[1]).astype(np.complex128)
     local = _upsampled_dft(spectrum, w, (0.0, 0.0), 1, 2 * search + 1)
     iy, ix = np.unravel_index(int(np.argmax(local)), local.shape)
     if not local[iy, ix] > 0:
         return 0.0, 0.0, False
     peak = (int(iy) - search, int(ix) - search)
     n_points = 2 * int(math.ceil(0.75 * upsample)) + 1
-    fine = _upsampled_dft(spectrum, w, (float(peak[0]), float(peak[1])), upsample, n_points)
+    fine = _upsampled_dft(
+        spectrum, w, (float(peak[0]), float(peak[1])), upsample, n_points
+    )
     iy, ix = np.unravel_index(int(np.argmax(fine)), fine.shape)
     dy = peak[0] + (iy - (n_points - 1) / 2.0) / upsample
     dx = peak[1] + (ix - (n_points - 1) / 2.0) / upsample
@@ -725,7 +825,7 @@ def _subpixel(
     if 0 < ix < n_points - 1:
         dx += _parabola(fine[iy, ix - 1], fine[iy, ix], fine[iy, ix + 1]) / upsample
     ok = max(abs(dy), abs(dx)) <= search
-    return dy, dx, ok
+    return float(dy), float(dx), bool(ok)
 
 
 # ----------------------------------------------------------------------------
@@ -805,11 +905,19 @@ def _search(
     """NCC search of the shifts ``centre +/- radius`` of one window at one level."""
     r0, c0, h, w = box
     f, wf = ref.window(level, r0, c0, h, w)
-    g, wg = mov.window(level, r0 + centre[0] - radius, c0 + centre[1] - radius, h + 2 * radius, w + 2 * radius)
+    g, wg = mov.window(
+        level,
+        r0 + centre[0] - radius,
+        c0 + centre[1] - radius,
+        h + 2 * radius,
+        w + 2 * radius,
+    )
     return _ncc_peak(f, wf, g, wg, centre, limit)
 
 
-def _similarity(f: np.ndarray, wf: np.ndarray, g: np.ndarray, wg: np.ndarray, block: int) -> np.ndarray:
+def _similarity(
+    f: np.ndarray, wf: np.ndarray, g: np.ndarray, wg: np.ndarray, block: int
+) -> np.ndarray:
     """Weight map that keeps the parts of two aligned windows that still match.
 
     The windows are cut into ``block`` x ``block`` blocks; in each, the
@@ -832,7 +940,9 @@ def _similarity(f: np.ndarray, wf: np.ndarray, g: np.ndarray, wg: np.ndarray, bl
     count = both.reshape(shape).sum(axis=(1, 3), dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = sfg / np.sqrt(sff * sgg)
-    r = np.where((count >= 0.25 * block * block) & np.isfinite(r), np.clip(r, 0.0, 1.0), 0.0)
+    r = np.where(
+        (count >= 0.25 * block * block) & np.isfinite(r), np.clip(r, 0.0, 1.0), 0.0
+    )
     weights = (r * r).astype(np.float32)
     return np.repeat(np.repeat(weights, block, axis=0), block, axis=1)[:h, :w]
 
@@ -847,14 +957,17 @@ def _measure(
     upsample: int,
     coarse_cap: int | None,
     fine_cap: int | None,
+    coarse_only: bool = False,
 ) -> _Window | None:
     """Coarse-to-fine shift of the content of ``box`` (level-0 pixels).
 
     NCC over the whole search range at ``start_level``, NCC within
     +/-``_REFINE_RADIUS`` at each finer level, then at level 0 the tapered
     correlation of the windows reweighted by their local similarity (integer
-    peak within +/-1, sub-pixel peak), repeated once with the moving window
-    re-centred if the nearest integer shift changed.
+    peak within +/-1, sub-pixel peak), repeated on the moving window resampled
+    onto the estimate until the correction is below 0.002 pixel (at most
+    ``_RESAMPLE_ITERATIONS`` times). With ``coarse_only``, stop after the
+    first search and return its integer shift scaled to level 0.
     """
     level = start_level
     cbox = _level_box(box, level, ref.shape(level), coarse_cap)
@@ -865,6 +978,9 @@ def _measure(
     shift, ratio = _search(ref, mov, level, cbox, (0, 0), radius, limit)
     if ratio == 0.0:
         return None
+    if coarse_only:
+        scale = 2**level
+        return _Window(shift[0] * scale, shift[1] * scale, ratio, 0, True)
     consistent = True
     while level > 1:
         level -= 1
@@ -883,7 +999,13 @@ def _measure(
     r0, c0, h, w = _fine_box(box, 0, shift, ref, mov, fine_cap)
     f, wf = ref.window(0, r0, c0, h, w)
     margin = m + extra
-    wide_g, wide_wg = mov.window(0, r0 + shift[0] - margin, c0 + shift[1] - margin, h + 2 * margin, w + 2 * margin)
+    wide_g, wide_wg = mov.window(
+        0,
+        r0 + shift[0] - margin,
+        c0 + shift[1] - margin,
+        h + 2 * margin,
+        w + 2 * margin,
+    )
     oy = ox = 0
     if extra:
         inner = slice(m, m + h + 2 * extra), slice(m, m + w + 2 * extra)
@@ -892,24 +1014,58 @@ def _measure(
         if max(abs(oy), abs(ox)) >= _REFINE_RADIUS:
             consistent = False
         shift = new
-    big = slice(extra + oy, extra + oy + h + 2 * m), slice(extra + ox, extra + ox + w + 2 * m)
+    big = (
+        slice(extra + oy, extra + oy + h + 2 * m),
+        slice(extra + ox, extra + ox + w + 2 * m),
+    )
     big_g, big_wg = wide_g[big], wide_wg[big]
     g, wg = big_g[m : h + m, m : w + m], big_wg[m : h + m, m : w + m]
     sim = _similarity(f, wf, g, wg, _SIMILARITY_BLOCK)
-    wf = wf * sim
-    wg = wg * sim
+    wf, wg = wf * sim, wg * sim
+    dy, dx, ok = _refine(f, wf, big_g, big_wg, sim, shift, upsample)
+    if not ok:
+        consistent = False
+    n_valid = int(np.count_nonzero((wf > 0) & (wg > 0)))
+    if max(abs(dy), abs(dx)) > max_shift + 1.0:
+        consistent = False
+    return _Window(
+        dy=float(dy),
+        dx=float(dx),
+        peak_ratio=float(ratio),
+        n_valid=n_valid,
+        consistent=consistent,
+    )
+
+
+def _refine(
+    f: np.ndarray,
+    wf: np.ndarray,
+    big_g: np.ndarray,
+    big_wg: np.ndarray,
+    sim: np.ndarray,
+    shift: tuple[int, int],
+    upsample: int,
+) -> tuple[float, float, bool]:
+    """Sub-pixel shift at level 0, re-measured on the resampled moving window.
+
+    ``big_g, big_wg`` extend the moving window aligned at the integer ``shift``
+    by ``_RESAMPLE_MARGIN`` on each side; ``wf`` and ``sim`` already carry the
+    similarity weights. The taper and the weights stay put while the content is
+    misaligned by the residual, which biases the peak in proportion to it, so
+    the moving window is resampled (cubic spline) onto the current estimate and
+    what is left is measured again, until the correction is below 0.002 pixel.
+    """
+    m = _RESAMPLE_MARGIN
+    h, w = f.shape
+    g, wg = big_g[m : h + m, m : w + m], big_wg[m : h + m, m : w + m] * sim
     ry, rx, ok = _subpixel(f, wf, g, wg, upsample)
     dy, dx = shift[0] + ry, shift[1] + rx
-    # The taper and weights stay put while the content is misaligned by the
-    # residual, which biases the peak in proportion to it: resample the moving
-    # window onto the current estimate and measure what is left.
     for _ in range(_RESAMPLE_ITERATIONS if ok else 0):
-        oy, ox = dy - shift[0], dx - shift[1]
-        if max(abs(oy), abs(ox)) > m - 2:
-            ok = False
-            break
-        g = ndi.shift(big_g, (-oy, -ox), order=3, mode="nearest")[m : h + m, m : w + m]
-        iy, ix = int(round(oy)), int(round(ox))
+        fy, fx = dy - shift[0], dx - shift[1]
+        if max(abs(fy), abs(fx)) > m - 2:
+            return dy, dx, False
+        g = ndi.shift(big_g, (-fy, -fx), order=3, mode="nearest")[m : h + m, m : w + m]
+        iy, ix = round(fy), round(fx)
         wg = big_wg[m + iy : h + m + iy, m + ix : w + m + ix] * sim
         ry, rx, ok = _subpixel(f, wf, g, wg, upsample)
         if not ok:
@@ -917,12 +1073,7 @@ def _measure(
         dy, dx = dy + ry, dx + rx
         if max(abs(ry), abs(rx)) < 0.002:
             break
-    if not ok:
-        consistent = False
-    n_valid = int(np.count_nonzero((wf > 0) & (wg > 0)))
-    if max(abs(dy), abs(dx)) > max_shift + 1.0:
-        consistent = False
-    return _Window(dy=float(dy), dx=float(dx), peak_ratio=float(ratio), n_valid=n_valid, consistent=consistent)
+    return dy, dx, ok
 
 
 def _fine_box(
@@ -935,7 +1086,9 @@ def _fine_box(
 ) -> tuple[int, int, int, int]:
     """``box`` at ``level``, reduced to its overlap with the shifted moving image and to ``cap``."""
     fbox = _level_box(box, level, ref.shape(level), None)
-    return _level_box(_overlap_box(fbox, shift, mov.shape(level)), 0, ref.shape(level), cap)
+    return _level_box(
+        _overlap_box(fbox, shift, mov.shape(level)), 0, ref.shape(level), cap
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -990,14 +1143,21 @@ def _tile_starts(size: int, tile: int, step: int) -> list[int]:
     return [first + i * step for i in range(n)]
 
 
-def _tile_boxes(shape: tuple[int, int], tile: int, step: int, max_tiles: int) -> list[tuple[int, int, int, int]]:
+def _tile_boxes(
+    shape: tuple[int, int], tile: int, step: int, max_tiles: int
+) -> list[tuple[int, int, int, int]]:
     rows, cols = shape
     while True:
-        starts_r, starts_c = _tile_starts(rows, tile, step), _tile_starts(cols, tile, step)
+        starts_r, starts_c = (
+            _tile_starts(rows, tile, step),
+            _tile_starts(cols, tile, step),
+        )
         if len(starts_r) * len(starts_c) <= max_tiles:
             break
         step = int(math.ceil(step * 1.1)) + 1
-    return [(r, c, min(tile, rows), min(tile, cols)) for r in starts_r for c in starts_c]
+    return [
+        (r, c, min(tile, rows), min(tile, cols)) for r in starts_r for c in starts_c
+    ]
 
 
 # ----------------------------------------------------------------------------
@@ -1014,6 +1174,7 @@ class _Setup:
     upsample: int
     min_peak_ratio: float
     min_vote_ratio: float
+    tile: int
 
 
 def _setup(
@@ -1030,8 +1191,9 @@ def _setup(
     sigma_high: float,
     texture_threshold: float,
     tile: int | None,
+    use_tiles: bool,
 ) -> _Setup:
-    """Check the inputs and build both pyramids."""
+    """Check the inputs, resolve the default tile size and build both pyramids."""
     ref = _check_image(reference, "reference")
     mov = _check_image(moving, "moving")
     if ref.shape[-2:] != mov.shape[-2:]:
@@ -1045,7 +1207,9 @@ def _setup(
     min_peak_ratio = _check_positive(min_peak_ratio, "min_peak_ratio")
     min_vote_ratio = _check_positive(min_vote_ratio, "min_vote_ratio")
     sigma_low, sigma_high = _check_sigmas(sigma_low, sigma_high)
-    texture_threshold = _check_positive(texture_threshold, "texture_threshold", allow_zero=True)
+    texture_threshold = _check_positive(
+        texture_threshold, "texture_threshold", allow_zero=True
+    )
     shape = (int(ref.shape[-2]), int(ref.shape[-1]))
     ref_lum, ref_mask = _luminance(ref, ref_mask)
     mov_lum, mov_mask = _luminance(mov, mov_mask)
@@ -1054,7 +1218,10 @@ def _setup(
     if not mov_mask.any():
         raise ValueError("moving_valid leaves no valid pixel in moving")
     levels = _n_levels(min(shape), max_shift, _MIN_LEVEL_SIZE)
-    if tile is not None:
+    if tile is None:
+        tile = _DEFAULT_TILE_LARGE if min(shape) >= 1024 else _DEFAULT_TILE_SMALL
+    tile = _check_int(tile, "tile", _MIN_WINDOW)
+    if use_tiles:
         levels = max(levels, _n_levels(min(tile, *shape), max_shift, _MIN_WINDOW))
     args = (levels, sigma_low, sigma_high, texture_threshold)
     return _Setup(
@@ -1065,11 +1232,12 @@ def _setup(
         upsample=upsample,
         min_peak_ratio=min_peak_ratio,
         min_vote_ratio=min_vote_ratio,
+        tile=tile,
     )
 
 
-def _global(setup: _Setup, window: int) -> ShiftEstimate:
-    """Whole-image coarse-to-fine estimate."""
+def _global(setup: _Setup, window: int, *, coarse_only: bool = False) -> ShiftEstimate:
+    """Whole-image coarse-to-fine estimate (integer, coarsest level only if asked)."""
     start = _n_levels(min(setup.shape), setup.max_shift, _MIN_LEVEL_SIZE)
     res = _measure(
         setup.ref,
@@ -1080,21 +1248,34 @@ def _global(setup: _Setup, window: int) -> ShiftEstimate:
         upsample=setup.upsample,
         coarse_cap=max(window, 1024),
         fine_cap=window,
+        coarse_only=coarse_only,
     )
     if res is None:
         return ShiftEstimate(math.nan, math.nan, 0.0, 0, False, "none")
     reliable = res.consistent and res.peak_ratio >= setup.min_peak_ratio
-    return ShiftEstimate(res.dy, res.dx, res.peak_ratio, res.n_valid, reliable, "global")
+    return ShiftEstimate(
+        res.dy, res.dx, res.peak_ratio, res.n_valid, reliable, "global"
+    )
 
 
-def _tiles(setup: _Setup, tile: int, step: int, max_tiles: int, min_inliers: int) -> ShiftEstimate:
+def _tiles(
+    setup: _Setup, step: int | None, max_tiles: int, min_inliers: int
+) -> ShiftEstimate:
     """Consensus of the shifts measured independently in a grid of windows."""
-    start = min(_n_levels(min(tile, *setup.shape), setup.max_shift, _MIN_WINDOW), len(setup.ref.levels) - 1)
+    tile = setup.tile
+    step = tile if step is None else step
+    start = min(
+        _n_levels(min(tile, *setup.shape), setup.max_shift, _MIN_WINDOW),
+        len(setup.ref.levels) - 1,
+    )
     rows: list[tuple[float, float, float, float, float, float]] = []
     consistent: list[bool] = []
     for box in _tile_boxes(setup.shape, tile, step, max_tiles):
         r0, c0, h, w = box
-        if float(setup.ref.levels[0][1][r0 : r0 + h, c0 : c0 + w].mean()) < _MIN_WINDOW_VALID:
+        if (
+            float(setup.ref.levels[0][1][r0 : r0 + h, c0 : c0 + w].mean())
+            < _MIN_WINDOW_VALID
+        ):
             continue
         res = _measure(
             setup.ref,
@@ -1108,7 +1289,16 @@ def _tiles(setup: _Setup, tile: int, step: int, max_tiles: int, min_inliers: int
         )
         if res is None:
             continue
-        rows.append((r0 + (h - 1) / 2.0, c0 + (w - 1) / 2.0, res.dy, res.dx, res.peak_ratio, res.n_valid))
+        rows.append(
+            (
+                r0 + (h - 1) / 2.0,
+                c0 + (w - 1) / 2.0,
+                res.dy,
+                res.dx,
+                res.peak_ratio,
+                res.n_valid,
+            )
+        )
         consistent.append(res.consistent)
     table = np.array(rows, np.float64).reshape(-1, 6)
     dy, dx, ratio = table[:, 2], table[:, 3], table[:, 4]
@@ -1127,7 +1317,9 @@ def _tiles(setup: _Setup, tile: int, step: int, max_tiles: int, min_inliers: int
     n_in = int(inliers.sum())
     n_out = int(usable.sum()) - n_in
     if n_in == 0:
-        return ShiftEstimate(math.nan, math.nan, 0.0, 0, False, "tiles", 0, n_out, math.nan, ties)
+        return ShiftEstimate(
+            math.nan, math.nan, 0.0, 0, False, "tiles", 0, n_out, math.nan, ties
+        )
     reliable = n_in >= min_inliers and n_in >= 2 * rival and rmse <= _MAX_RMSE
     return ShiftEstimate(
         dy=cy,
@@ -1152,7 +1344,7 @@ def estimate_shift(
     max_shift: float = 64,
     upsample_factor: int = 20,
     consensus: bool = True,
-    tile: int = 256,
+    tile: int | None = None,
     step: int | None = None,
     max_tiles: int = 64,
     min_inliers: int = 3,
@@ -1170,7 +1362,7 @@ def estimate_shift(
     reference, moving : (M, N) or (B, M, N) array_like
         Before and after images on the same pixel grid (the band counts may
         differ: the bands are averaged). Non-finite values count as no-data.
-        Any real dtype; the work is done in float32 (float64 for correlations).
+        Any real dtype (the work is done in float32).
     reference_valid, moving_valid : (M, N) or (B, M, N) array_like of bool, optional
         True on valid pixels. Default: every finite pixel.
     max_shift : float, optional
@@ -1198,7 +1390,9 @@ def estimate_shift(
     ShiftEstimate
         ``dy``, ``dx`` in pixels with ``moving[r + dy, c + dx] ~= reference[r, c]``,
         quality figures and, with ``consensus``, the per-window tie points.
-        The consensus is returned (``method="tiles"``) when it is reliable,
+        The consensus is returned (``method="tiles"``) when it is reliable
+        (it is marked unreliable if a confident whole-image search at the
+        coarsest pyramid level points more than one coarse pixel elsewhere);
         otherwise the whole-image estimate (``method="global"``, with the tie
         points and vote counts attached), reliable or not; the consensus only
         if the whole image gave nothing. ``dy`` and ``dx`` are NaN when nothing
@@ -1257,8 +1451,7 @@ def estimate_shift(
     >>> round(est.dy, 1), round(est.dx, 1), est.reliable
     (3.0, -5.0, True)
     """
-    tile = _check_int(tile, "tile", _MIN_WINDOW)
-    step = tile if step is None else _check_int(step, "step", 1)
+    step = None if step is None else _check_int(step, "step", 1)
     max_tiles = _check_int(max_tiles, "max_tiles", 1)
     min_inliers = _check_int(min_inliers, "min_inliers", 1)
     window = _check_int(window, "window", _MIN_WINDOW)
@@ -1274,20 +1467,35 @@ def estimate_shift(
         sigma_low=sigma_low,
         sigma_high=sigma_high,
         texture_threshold=texture_threshold,
-        tile=tile if consensus else None,
+        tile=tile,
+        use_tiles=consensus,
     )
-    glob = _global(setup, window)
-    if not consensus or len(_tile_boxes(setup.shape, tile, step, max_tiles)) < 4:
-        return glob
-    tiles = _tiles(setup, tile, step, max_tiles, min_inliers)
+    n_boxes = len(_tile_boxes(setup.shape, setup.tile, step or setup.tile, max_tiles))
+    if not consensus or n_boxes < 4:
+        return _global(setup, window)
+    tiles = _tiles(setup, step, max_tiles, min_inliers)
     if tiles.reliable:
-        if glob.reliable and math.hypot(tiles.dy - glob.dy, tiles.dx - glob.dx) > _AGREE_TOL:
-            # Two confident answers that disagree: keep the consensus, unreliable.
+        # Cross-check with the whole-image search at the coarsest level (its
+        # integer shift is good to one coarse pixel): two confident answers
+        # that disagree make the consensus unreliable.
+        coarse = _global(setup, window, coarse_only=True)
+        scale = 2 ** _n_levels(min(setup.shape), setup.max_shift, _MIN_LEVEL_SIZE)
+        if (
+            coarse.reliable
+            and max(abs(tiles.dy - coarse.dy), abs(tiles.dx - coarse.dx))
+            > scale + _AGREE_TOL
+        ):
             return replace(tiles, reliable=False)
         return tiles
+    glob = _global(setup, window)
     if glob.method == "none" and tiles.n_inliers > 0:
         return tiles
-    return replace(glob, n_inliers=tiles.n_inliers, n_outliers=tiles.n_outliers, tie_points=tiles.tie_points)
+    return replace(
+        glob,
+        n_inliers=tiles.n_inliers,
+        n_outliers=tiles.n_outliers,
+        tie_points=tiles.tie_points,
+    )
 
 
 def estimate_shift_tiles(
@@ -1298,7 +1506,7 @@ def estimate_shift_tiles(
     moving_valid: ArrayLike | None = None,
     max_shift: float = 64,
     upsample_factor: int = 20,
-    tile: int = 256,
+    tile: int | None = None,
     step: int | None = None,
     max_tiles: int = 64,
     min_inliers: int = 3,
@@ -1324,7 +1532,8 @@ def estimate_shift_tiles(
     upsample_factor : int, optional
         Sub-pixel grid of each window's estimate, ``1 / upsample_factor`` pixel.
     tile : int, optional
-        Window side in pixels (at least 64; clipped to the image).
+        Window side in pixels (at least 64; clipped to the image). Default:
+        256 for images of at least 1024 pixels on their short side, else 128.
     step : int, optional
         Spacing of the windows; default ``tile`` (no overlap).
     max_tiles : int, optional
@@ -1378,8 +1587,7 @@ def estimate_shift_tiles(
     >>> round(est.dy, 1), round(est.dx, 1), est.n_inliers
     (3.0, -5.0, 4)
     """
-    tile = _check_int(tile, "tile", _MIN_WINDOW)
-    step = tile if step is None else _check_int(step, "step", 1)
+    step = None if step is None else _check_int(step, "step", 1)
     max_tiles = _check_int(max_tiles, "max_tiles", 1)
     min_inliers = _check_int(min_inliers, "min_inliers", 1)
     setup = _setup(
@@ -1395,8 +1603,9 @@ def estimate_shift_tiles(
         sigma_high=sigma_high,
         texture_threshold=texture_threshold,
         tile=tile,
+        use_tiles=True,
     )
-    return _tiles(setup, tile, step, max_tiles, min_inliers)
+    return _tiles(setup, step, max_tiles, min_inliers)
 
 
 # ----------------------------------------------------------------------------
@@ -1454,7 +1663,9 @@ def apply_shift(
     """
     arr = np.asarray(image)
     if arr.ndim not in (2, 3):
-        raise ValueError(f"image must be a (rows, cols) or (bands, rows, cols) array, got {arr.ndim} dimensions")
+        raise ValueError(
+            f"image must be a (rows, cols) or (bands, rows, cols) array, got {arr.ndim} dimensions"
+        )
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise ValueError(f"image must be a real numeric array, got dtype {arr.dtype}")
     mask = _check_valid(valid, arr, "valid")
@@ -1477,17 +1688,23 @@ def apply_shift(
         filled = band.copy()
         if not mask.all():
             filled[~mask] = band[mask].mean() if mask.any() else 0.0
-        out[i] = ndi.shift(filled, (-dy, -dx), order=order, mode="nearest", prefilter=order > 1)
+        out[i] = ndi.shift(
+            filled, (-dy, -dx), order=order, mode="nearest", prefilter=order > 1
+        )
     # A pixel is valid if every source pixel of its interpolation was valid
     # (splines of order > 1 reach further: grow the no-data accordingly).
     base = mask
     if order > 1 and not mask.all():
         base = ~ndi.binary_dilation(~mask, iterations=(order + 1) // 2, border_value=0)
-    support = ndi.shift(base.astype(np.float32), (-dy, -dx), order=1, mode="constant", cval=0.0)
+    support = ndi.shift(
+        base.astype(np.float32), (-dy, -dx), order=1, mode="constant", cval=0.0
+    )
     ok = support >= 1.0 - 1e-4
     rr = np.arange(rows) + dy
     cc = np.arange(cols) + dx
     tol = 1e-6
-    ok &= ((rr >= -tol) & (rr <= rows - 1 + tol))[:, None] & ((cc >= -tol) & (cc <= cols - 1 + tol))[None, :]
+    ok &= ((rr >= -tol) & (rr <= rows - 1 + tol))[:, None] & (
+        (cc >= -tol) & (cc <= cols - 1 + tol)
+    )[None, :]
     out[:, ~ok] = fill_value
     return (out if arr.ndim == 3 else out[0]), ok

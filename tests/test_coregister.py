@@ -1,0 +1,621 @@
+"""Known-answer tests of the global co-registration (changedetect.coregister).
+
+Sign convention under test: ``moving[r + dy, c + dx] ~= reference[r, c]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import data as skdata
+
+from changedetect import coregister as cr
+from changedetect.coregister import (
+    ShiftEstimate,
+    TiePoints,
+    apply_shift,
+    estimate_shift,
+    estimate_shift_tiles,
+    prepare,
+)
+
+# ---------------------------------------------------------------------------
+# Synthetic imagery
+# ---------------------------------------------------------------------------
+
+
+def _texture_spectrum(n: int, seed: int) -> np.ndarray:
+    """Spectrum of a periodic, band-limited random texture (fine + coarse scales)."""
+    rng = np.random.default_rng(seed)
+    spec = np.fft.fft2(rng.standard_normal((n, n)))
+    f2 = np.fft.fftfreq(n)[:, None] ** 2 + np.fft.fftfreq(n)[None, :] ** 2
+    gain = np.exp(-2 * (np.pi * 1.5) ** 2 * f2) + 3 * np.exp(
+        -2 * (np.pi * 9.0) ** 2 * f2
+    )
+    return spec * gain
+
+
+def texture(n: int, seed: int) -> np.ndarray:
+    """A band-limited random texture, float64, std about 1."""
+    img = np.fft.ifft2(_texture_spectrum(n, seed)).real
+    return img / img.std()
+
+
+def shifted_pair(
+    n: int, shift: tuple[float, float], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, moving) with moving[r + dy, c + dx] == reference[r, c] exactly.
+
+    The texture is periodic and band-limited, so the Fourier shift is an exact
+    translation; both images are cropped from its interior.
+    """
+    margin = int(math.ceil(max(abs(s) for s in shift))) + 8
+    size = n + 2 * margin
+    spec = _texture_spectrum(size, seed)
+    scale = np.fft.ifft2(spec).real.std()
+    ref = np.fft.ifft2(spec).real / scale
+    mov = np.fft.ifft2(ndi.fourier_shift(spec, shift)).real / scale
+    inner = slice(margin, margin + n)
+    return ref[inner, inner].astype(np.float32), mov[inner, inner].astype(np.float32)
+
+
+def spline_pair(
+    image: np.ndarray, shift: tuple[float, float], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a real image and a cubic-spline shifted copy of it (same crop)."""
+    image = np.asarray(image, np.float64)
+    moved = ndi.shift(image, shift, order=3, mode="reflect")
+    r0 = (image.shape[0] - n) // 2
+    c0 = (image.shape[1] - n) // 2
+    return image[r0 : r0 + n, c0 : c0 + n], moved[r0 : r0 + n, c0 : c0 + n]
+
+
+def assert_shift(est: ShiftEstimate, shift: tuple[float, float], atol: float) -> None:
+    err = max(abs(est.dy - shift[0]), abs(est.dx - shift[1]))
+    assert err < atol, f"error {err:.4f} px for {shift}: {est}"
+
+
+@pytest.fixture(scope="module")
+def pair_384() -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    shift = (7.4, -3.7)
+    ref, mov = shifted_pair(384, shift, seed=3)
+    return ref, mov, shift
+
+
+@pytest.fixture(scope="module")
+def unrelated_256() -> tuple[np.ndarray, np.ndarray]:
+    return texture(256, 100).astype(np.float32), texture(256, 200).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Known shifts
+# ---------------------------------------------------------------------------
+
+SHIFTS = [(0.3, -0.3), (7.4, -3.7), (-40.25, 25.6), (60.0, -59.35)]
+
+
+@pytest.mark.parametrize("shift", SHIFTS, ids=["0.3px", "7.4px", "40px", "60px"])
+@pytest.mark.parametrize("mode", ["default", "global", "tiles"])
+def test_known_shift_textured(shift: tuple[float, float], mode: str) -> None:
+    ref, mov = shifted_pair(256, shift, seed=1)
+    if mode == "tiles":
+        est = estimate_shift_tiles(ref, mov, max_shift=64, tile=128)
+        assert est.method == "tiles"
+    else:
+        est = estimate_shift(ref, mov, max_shift=64, consensus=mode == "default")
+    assert_shift(est, shift, atol=0.05)
+    assert est.reliable
+    assert est.peak_ratio > 2.0
+    assert est.n_valid > 0
+
+
+def test_sign_convention_integer_crop() -> None:
+    big = texture(320, 7)
+    dy, dx = 3, -5
+    ref = big[40:296, 40:296]
+    mov = big[40 - dy : 296 - dy, 40 - dx : 296 - dx]
+    # moving[r + dy, c + dx] == reference[r, c]
+    np.testing.assert_array_equal(mov[10 + dy, 20 + dx], ref[10, 20])
+    est = estimate_shift(ref, mov, max_shift=16)
+    assert_shift(est, (dy, dx), atol=0.01)
+    assert est.shift == (est.dy, est.dx)
+
+
+def test_camera_subpixel() -> None:
+    shift = (5.3, -2.6)
+    ref, mov = spline_pair(skdata.camera(), shift, 384)
+    est = estimate_shift(ref, mov, max_shift=16)
+    assert_shift(est, shift, atol=0.05)
+    assert est.reliable
+
+
+def test_rgb_uint8_bands() -> None:
+    shift = (-2.45, 6.8)
+    rgb = np.moveaxis(skdata.astronaut(), -1, 0).astype(np.float64)
+    pairs = [spline_pair(band, shift, 384) for band in rgb]
+    ref = np.stack([p[0] for p in pairs]).round().clip(0, 255).astype(np.uint8)
+    mov = np.stack([p[1] for p in pairs]).round().clip(0, 255).astype(np.uint8)
+    est = estimate_shift(ref, mov, max_shift=16)
+    assert_shift(est, shift, atol=0.05)
+    assert est.reliable
+
+
+def test_max_shift_zero_still_subpixel() -> None:
+    shift = (0.4, -0.35)
+    ref, mov = shifted_pair(192, shift, seed=4)
+    est = estimate_shift(ref, mov, max_shift=0)
+    assert_shift(est, shift, atol=0.05)
+
+
+def test_small_image() -> None:
+    shift = (1.6, -2.2)
+    ref, mov = shifted_pair(64, shift, seed=5)
+    est = estimate_shift(ref, mov, max_shift=8)
+    assert est.method == "global"
+    assert_shift(est, shift, atol=0.05)
+
+
+# ---------------------------------------------------------------------------
+# Radiometric differences, no-data, dtypes
+# ---------------------------------------------------------------------------
+
+
+def test_gain_gamma_noise_blur(
+    pair_384: tuple[np.ndarray, np.ndarray, tuple[float, float]],
+) -> None:
+    ref, mov, shift = pair_384
+    rng = np.random.default_rng(11)
+    unit = (mov - mov.min()) / np.ptp(mov)
+    other = 180.0 * unit**0.6 + 40.0  # gain, offset and gamma
+    other = ndi.gaussian_filter(other, 1.0)  # blur
+    other = other + rng.normal(0.0, 0.15 * other.std(), other.shape)  # noise
+    est = estimate_shift(ref, other.astype(np.float32))
+    assert_shift(est, shift, atol=0.05)
+    assert est.reliable
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.uint8, np.uint16, np.int16, np.float16, np.float32, np.float64]
+)
+def test_input_dtypes(dtype: type) -> None:
+    shift = (2.3, -4.6)
+    ref, mov = shifted_pair(192, shift, seed=6)
+    if np.issubdtype(dtype, np.integer):
+        scale = 30.0 if dtype is np.uint8 else 1000.0
+        offset = (
+            128.0 if dtype is np.uint8 else (30000.0 if dtype is np.uint16 else 0.0)
+        )
+        ref = np.round(ref * scale + offset).astype(dtype)
+        mov = np.round(mov * scale + offset).astype(dtype)
+    else:
+        ref, mov = ref.astype(dtype), mov.astype(dtype)
+    est = estimate_shift(ref, mov, max_shift=16)
+    assert_shift(est, shift, atol=0.05)
+
+
+def test_nodata_masks() -> None:
+    shift = (4.6, -7.3)
+    ref, mov = shifted_pair(256, shift, seed=8)
+    rows, cols = np.indices(ref.shape)
+    ref_valid = rows + cols > 100  # no-data triangle in the top-left corner
+    mov_valid = cols < 210  # no-data stripe on the right
+    results = []
+    for fill in (0.0, 1.0e4):
+        r = np.where(ref_valid, ref, fill).astype(np.float32)
+        m = np.where(mov_valid, mov, -fill).astype(np.float32)
+        est = estimate_shift(
+            r, m, reference_valid=ref_valid, moving_valid=mov_valid, max_shift=16
+        )
+        assert_shift(est, shift, atol=0.05)
+        results.append((est.dy, est.dx))
+    # The value under the mask must not matter at all.
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+
+
+def test_nan_counts_as_nodata() -> None:
+    shift = (-3.2, 2.7)
+    ref, mov = shifted_pair(256, shift, seed=9)
+    mov = mov.copy()
+    mov[:, :40] = np.nan
+    est = estimate_shift(ref, mov, max_shift=16)
+    assert_shift(est, shift, atol=0.05)
+    valid = np.isfinite(mov)
+    est2 = estimate_shift(
+        ref, np.nan_to_num(mov, nan=500.0), moving_valid=valid, max_shift=16
+    )
+    assert (est.dy, est.dx) == pytest.approx((est2.dy, est2.dx), abs=1e-6)
+
+
+def test_three_d_valid_mask() -> None:
+    shift = (1.25, 3.5)
+    ref, mov = shifted_pair(192, shift, seed=10)
+    stack = np.stack([mov, mov * 2.0])
+    valid = np.ones(stack.shape, bool)
+    valid[1, :, :30] = False  # a pixel is valid only if valid in every band
+    est = estimate_shift(ref, stack, moving_valid=valid, max_shift=16)
+    assert_shift(est, shift, atol=0.05)
+
+
+# ---------------------------------------------------------------------------
+# Robustness: changed scenes, unrelated images
+# ---------------------------------------------------------------------------
+
+
+def _paste_changed_patch(mov: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    other = texture(mov.shape[0], seed).astype(np.float32)
+    side = int(round(mov.shape[0] * math.sqrt(fraction)))
+    out = mov.copy()
+    out[40 : 40 + side, 60 : 60 + side] = other[40 : 40 + side, 60 : 60 + side]
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.4])
+def test_changed_patch_default(
+    pair_384: tuple[np.ndarray, np.ndarray, tuple[float, float]], fraction: float
+) -> None:
+    ref, mov, shift = pair_384
+    changed = _paste_changed_patch(mov, fraction, seed=99)
+    est = estimate_shift(ref, changed)
+    assert_shift(est, shift, atol=0.05)
+    assert est.reliable
+
+
+def test_changed_patch_tiles(
+    pair_384: tuple[np.ndarray, np.ndarray, tuple[float, float]],
+) -> None:
+    ref, mov, shift = pair_384
+    changed = _paste_changed_patch(mov, 0.4, seed=98)
+    est = estimate_shift_tiles(ref, changed, tile=128)
+    assert_shift(est, shift, atol=0.05)
+    assert est.reliable
+    assert est.method == "tiles"
+    assert est.n_inliers >= 5
+    assert est.rmse < 0.1
+
+
+def test_mostly_changed_scene_tiles(
+    pair_384: tuple[np.ndarray, np.ndarray, tuple[float, float]],
+) -> None:
+    # 80 % of the scene replaced: whole-image correlation has no usable peak,
+    # the windows that still see the old content agree.
+    ref, mov, shift = pair_384
+    changed = _paste_changed_patch(mov, 0.8, seed=97)
+    est = estimate_shift_tiles(ref, changed, tile=128)
+    assert est.reliable
+    assert_shift(est, shift, atol=0.1)
+    ties = est.tie_points
+    assert ties is not None
+    assert int(ties.accepted.sum()) == est.n_inliers < len(ties)
+
+
+def test_unrelated_images_unreliable(
+    unrelated_256: tuple[np.ndarray, np.ndarray],
+) -> None:
+    a, b = unrelated_256
+    for est in (
+        estimate_shift(a, b, tile=96),
+        estimate_shift(a, b, consensus=False),
+        estimate_shift_tiles(a, b, tile=64),
+    ):
+        assert not est.reliable
+        assert est.peak_ratio < 1.5 or est.method == "tiles"
+
+
+def test_flat_image_gives_nan() -> None:
+    flat = np.full((96, 96), 7.0, np.float32)
+    est = estimate_shift(flat, flat.copy(), max_shift=8)
+    assert math.isnan(est.dy)
+    assert math.isnan(est.dx)
+    assert not est.reliable
+    assert est.method == "none"
+    assert est.as_dict()["dy"] is None
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+def test_tie_points_and_json(
+    pair_384: tuple[np.ndarray, np.ndarray, tuple[float, float]],
+) -> None:
+    ref, mov, shift = pair_384
+    est = estimate_shift_tiles(ref, mov, tile=128)
+    ties = est.tie_points
+    assert isinstance(ties, TiePoints)
+    assert len(ties) == 9
+    for name in ("row", "col", "dy", "dx", "peak_ratio", "n_valid", "accepted"):
+        assert getattr(ties, name).shape == (9,)
+    assert ties.accepted.dtype == bool
+    assert est.n_inliers == int(ties.accepted.sum()) == 9
+    np.testing.assert_allclose(ties.dy[ties.accepted], shift[0], atol=0.05)
+    np.testing.assert_allclose(ties.dx[ties.accepted], shift[1], atol=0.05)
+    assert ties.row.min() == pytest.approx(63.5)
+    assert ties.row.max() == pytest.approx(319.5)
+    report = est.as_dict(tie_points=True)
+    text = json.dumps(report, allow_nan=False)
+    back = json.loads(text)
+    assert back["method"] == "tiles"
+    assert back["reliable"] is True
+    assert len(back["tie_points"]["dy"]) == 9
+    assert set(est.as_dict()) == {
+        "dy",
+        "dx",
+        "peak_ratio",
+        "n_valid",
+        "reliable",
+        "method",
+        "n_inliers",
+        "n_outliers",
+        "rmse",
+    }
+
+
+def test_global_estimate_json_has_no_nan() -> None:
+    ref, mov = shifted_pair(128, (1.5, 2.5), seed=2)
+    est = estimate_shift(ref, mov, consensus=False, max_shift=8)
+    assert est.method == "global"
+    assert est.tie_points is None
+    report = est.as_dict(tie_points=True)
+    assert report["rmse"] is None
+    assert report["tie_points"] is None
+    json.dumps(report, allow_nan=False)
+    assert isinstance(report["dy"], float)
+    assert isinstance(report["n_valid"], int)
+
+
+def test_estimate_is_frozen() -> None:
+    ref, mov = shifted_pair(64, (1.5, 2.5), seed=2)
+    est = estimate_shift(ref, mov, max_shift=4)
+    with pytest.raises(AttributeError):
+        est.dy = 0.0  # type: ignore[misc]
+
+
+def test_inputs_not_modified() -> None:
+    ref, mov = shifted_pair(192, (2.5, 1.5), seed=12)
+    mov = mov.copy()
+    mov[:10] = np.nan
+    ref_valid = np.ones(ref.shape, bool)
+    ref_valid[-12:] = False
+    copies = [a.copy() for a in (ref, mov, ref_valid)]
+    estimate_shift(ref, mov, reference_valid=ref_valid, max_shift=8, tile=64)
+    estimate_shift_tiles(ref, mov, reference_valid=ref_valid, max_shift=8, tile=64)
+    prepare(mov, valid=np.isfinite(mov))
+    apply_shift(mov, (1.5, -0.5), valid=np.isfinite(mov))
+    for before, after in zip(copies, (ref, mov, ref_valid), strict=True):
+        np.testing.assert_array_equal(before, after)
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_shift": -1}, "max_shift"),
+        ({"max_shift": float("nan")}, "max_shift"),
+        ({"upsample_factor": 0}, "upsample_factor"),
+        ({"upsample_factor": 2.5}, "upsample_factor"),
+        ({"sigma_low": 3.0, "sigma_high": 2.0}, "sigma_high"),
+        ({"sigma_low": 0.0}, "sigma_low"),
+        ({"tile": 32}, "tile"),
+        ({"step": 0}, "step"),
+        ({"min_inliers": 0}, "min_inliers"),
+        ({"min_peak_ratio": -1.0}, "min_peak_ratio"),
+        ({"reference_valid": np.ones((10, 10), bool)}, "reference_valid"),
+        ({"moving_valid": np.zeros((64, 64), bool)}, "moving_valid"),
+    ],
+)
+def test_invalid_settings(kwargs: dict, match: str) -> None:
+    img = texture(64, 1)
+    with pytest.raises(ValueError, match=match):
+        estimate_shift(img, img, **kwargs)
+
+
+def test_invalid_images() -> None:
+    img = texture(64, 1)
+    with pytest.raises(ValueError, match="same"):
+        estimate_shift(img, img[:60])
+    with pytest.raises(ValueError, match="reference"):
+        estimate_shift(img[0], img)
+    with pytest.raises(ValueError, match="moving"):
+        estimate_shift(img, img[None, None])
+    with pytest.raises(ValueError, match="moving"):
+        estimate_shift(img, img.astype(complex))
+    with pytest.raises(ValueError, match="16 x 16"):
+        estimate_shift(img[:8, :8], img[:8, :8])
+    with pytest.raises(ValueError, match="tile"):
+        estimate_shift_tiles(img, img, tile=16)
+
+
+# ---------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------
+
+
+def test_prepare_outputs_and_masks() -> None:
+    img = texture(128, 2).astype(np.float32) * 20 + 100
+    img[:, 96:] = 100.0  # a flat, texture-less strip
+    valid = np.ones(img.shape, bool)
+    valid[:32, :32] = False
+    feature, weight = prepare(img, valid=valid)
+    assert feature.dtype == np.float32
+    assert weight.dtype == np.float32
+    assert feature.shape == weight.shape == img.shape
+    assert np.isfinite(feature).all()
+    assert set(np.unique(weight)) <= {0.0, 1.0}
+    assert not weight[~valid].any()
+    assert not feature[~valid].any()
+    # The no-data edge is eroded: pixels right next to it carry no weight.
+    assert not weight[32:34, :30].any()
+    assert not weight[:30, 32:34].any()
+    # Flat areas carry no weight (away from the textured edge).
+    assert not weight[:, 110:].any()
+    assert weight[40:90, 40:90].mean() > 0.9
+
+
+def test_prepare_nodata_does_not_bleed() -> None:
+    img = texture(128, 3).astype(np.float32)
+    valid = np.ones(img.shape, bool)
+    valid[50:70, 50:70] = False
+    a = np.where(valid, img, 0.0).astype(np.float32)
+    b = np.where(valid, img, 1.0e6).astype(np.float32)
+    fa, wa = prepare(a, valid=valid)
+    fb, wb = prepare(b, valid=valid)
+    np.testing.assert_allclose(fa, fb, atol=1e-4)
+    np.testing.assert_array_equal(wa, wb)
+
+
+def test_prepare_bands_and_dtype() -> None:
+    img = np.stack([texture(64, 4), texture(64, 5)])
+    feature, weight = prepare((img * 40 + 120).astype(np.uint8))
+    assert feature.shape == (64, 64)
+    assert feature.dtype == np.float32
+    assert weight.any()
+    with pytest.raises(ValueError, match="valid"):
+        prepare(img, valid=np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="texture_threshold"):
+        prepare(img, texture_threshold=-0.1)
+
+
+# ---------------------------------------------------------------------------
+# apply_shift
+# ---------------------------------------------------------------------------
+
+
+def test_apply_shift_integer_sign() -> None:
+    img = np.arange(100.0).reshape(10, 10)
+    out, ok = apply_shift(img, (2.0, -1.0))
+    # out[r, c] == img[r + 2, c - 1]
+    assert out[3, 4] == img[5, 3]
+    assert ok[:8, 1:].all()
+    assert not ok[8:].any()
+    assert not ok[:, 0].any()
+    assert np.isnan(out[~ok]).all()
+
+
+def test_apply_shift_aligns_estimate(
+    pair_384: tuple[np.ndarray, np.ndarray, tuple[float, float]],
+) -> None:
+    ref, mov, _ = pair_384
+    est = estimate_shift(ref, mov, consensus=False)
+    aligned, ok = apply_shift(mov, est.shift, order=3)
+    assert aligned.dtype == np.float32
+    assert ok.mean() > 0.95
+    inner = ok.copy()
+    inner[:16], inner[-16:], inner[:, :16], inner[:, -16:] = False, False, False, False
+    residual = (aligned - ref)[inner]
+    assert np.sqrt(np.mean(residual**2)) < 0.01 * ref.std() + 1e-3
+
+
+def test_apply_shift_dtypes_and_masks() -> None:
+    img = (np.arange(3 * 20 * 20) % 251).reshape(3, 20, 20).astype(np.uint8)
+    valid = np.ones((20, 20), bool)
+    valid[5, 5] = False
+    out, ok = apply_shift(img, (0.5, 0.0), valid=valid, fill_value=-1.0)
+    assert out.shape == img.shape
+    assert out.dtype == np.float64
+    assert not ok[4, 5]
+    assert not ok[5, 5]
+    assert ok[6, 5]
+    assert (out[:, ~ok] == -1.0).all()
+    out16, _ = apply_shift(img[0].astype(np.float16), (0.0, 0.0))
+    assert out16.dtype == np.float32
+    with pytest.raises(ValueError, match="shift"):
+        apply_shift(img, (np.nan, 0.0))
+    with pytest.raises(ValueError, match="order"):
+        apply_shift(img, (0.0, 0.0), order=6)
+    with pytest.raises(ValueError, match="valid"):
+        apply_shift(img, (0.0, 0.0), valid=np.ones((3, 3), bool))
+
+
+# ---------------------------------------------------------------------------
+# Private helpers
+# ---------------------------------------------------------------------------
+
+
+def test_upsampled_dft_matches_inverse_fft() -> None:
+    rng = np.random.default_rng(13)
+    a, b = rng.standard_normal((2, 24, 30))
+    spec = np.conj(np.fft.rfft2(a)) * np.fft.rfft2(b)
+    full = np.fft.irfft2(spec, s=a.shape)
+    out = cr._upsampled_dft(spec, 30, (0.0, 0.0), 1, 5)
+    expected = full[np.ix_(np.arange(-2, 3) % 24, np.arange(-2, 3) % 30)]
+    np.testing.assert_allclose(out / (24 * 30), expected, atol=1e-10)
+    # Odd number of columns: no Nyquist column.
+    a, b = rng.standard_normal((2, 16, 15))
+    spec = np.conj(np.fft.rfft2(a)) * np.fft.rfft2(b)
+    out = cr._upsampled_dft(spec, 15, (1.0, -2.0), 1, 1)
+    assert out[0, 0] / (16 * 15) == pytest.approx(
+        np.fft.irfft2(spec, s=(16, 15))[1, -2]
+    )
+
+
+def test_ncc_surface_matches_brute_force() -> None:
+    rng = np.random.default_rng(14)
+    f = rng.standard_normal((12, 10))
+    g = rng.standard_normal((16, 14))
+    wf = (rng.random(f.shape) > 0.2).astype(np.float32)
+    wg = (rng.random(g.shape) > 0.2).astype(np.float32)
+    surface = cr._ncc_surface(f, wf, g, wg, 1.0)
+    for sy in range(-2, 3):
+        for sx in range(-2, 3):
+            gs = g[2 + sy : 14 + sy, 2 + sx : 12 + sx]
+            ws = wf * wg[2 + sy : 14 + sy, 2 + sx : 12 + sx]
+            m = ws > 0
+            expected = np.corrcoef(f[m], gs[m])[0, 1]
+            assert surface[2 + sy, 2 + sx] == pytest.approx(expected, abs=1e-4)
+
+
+def test_peak_ratio() -> None:
+    surface = np.full((11, 11), 0.1)
+    surface[5, 5] = 0.8
+    surface[4, 5] = 0.7  # inside the exclusion zone
+    surface[0, 10] = 0.2
+    assert cr._peak_ratio(surface, (5, 5)) == pytest.approx(4.0)
+    assert cr._peak_ratio(-surface, (5, 5)) == 0.0
+    lone = np.full((11, 11), -np.inf)
+    lone[5, 5] = 0.5
+    assert cr._peak_ratio(lone, (5, 5)) == 1000.0
+
+
+def test_consensus_rejects_outliers() -> None:
+    rng = np.random.default_rng(15)
+    dy = np.r_[3.0 + rng.normal(0, 0.05, 8), 20.0, -31.0, 3.8, 12.0, 12.4]
+    dx = np.r_[-1.0 + rng.normal(0, 0.05, 8), 5.0, 40.0, -1.9, -7.0, -7.3]
+    usable = np.ones(dy.size, bool)
+    usable[9] = False
+    cy, cx, inliers, rmse, rival = cr._consensus(dy, dx, usable)
+    assert inliers[:8].all()
+    assert not inliers[8:].any()
+    assert cy == pytest.approx(dy[:8].mean())
+    assert cx == pytest.approx(dx[:8].mean())
+    assert rmse < 0.15
+    assert rival == 2
+    empty = cr._consensus(dy, dx, np.zeros(dy.size, bool))
+    assert math.isnan(empty[0])
+    assert not empty[2].any()
+
+
+def test_downsample_masks_blocks() -> None:
+    lum = np.arange(16, dtype=np.float32).reshape(4, 4)
+    mask = np.ones((4, 4), bool)
+    mask[0, 0] = False
+    out, valid = cr._downsample(lum, mask)
+    assert out.shape == (2, 2)
+    assert valid.tolist() == [[False, True], [True, True]]
+    assert out[1, 1] == pytest.approx(lum[2:, 2:].mean())
+
+
+def test_taper_is_flat_in_the_middle() -> None:
+    taper = cr._taper1d(64, 0.25)
+    assert taper[8:56] == pytest.approx(1.0)
+    assert taper[0] < 0.05
+    assert taper[-1] < 0.05
+    np.testing.assert_allclose(taper, taper[::-1])
