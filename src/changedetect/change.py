@@ -198,6 +198,7 @@ class ChangeLayers:
     structure_loss: np.ndarray
     difference_evidence: np.ndarray
     vegetation: np.ndarray
+    shadow_change: np.ndarray
     score: np.ndarray
     valid: np.ndarray
     noise: dict
@@ -208,7 +209,14 @@ class ChangeLayers:
             "difference_evidence": self.difference_evidence,
             "structure_loss": self.structure_loss,
             "vegetation": self.vegetation,
+            "shadow_change": self.shadow_change,
         }
+
+
+def _robust_z(a: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``(a - median) / (1.4826 MAD)`` over valid pixels (MAD floored at 1e-3)."""
+    med, spread = _robust_noise(a[valid])
+    return ((a - med) / spread).astype(a.dtype, copy=False)
 
 
 def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -228,6 +236,44 @@ def _nan_gaussian(a: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
     return np.where(valid, out, np.nan).astype(a.dtype, copy=False)
 
 
+def shadow_mask(lum: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float]:
+    """Pixels in cast shadow: darker than Otsu's threshold of the darker half of the scene.
+
+    Cast shadows in sub-metre imagery form a dark mode of the luminance histogram.
+    Otsu's threshold between 0 and the median luminance separates that mode from
+    sunlit surfaces without a fixed brightness level.
+
+    Returns the boolean mask and the threshold used.
+    """
+    from skimage.filters import threshold_otsu
+
+    values = lum[valid]
+    if values.size < 16:
+        return np.zeros(lum.shape, bool), 0.0
+    med = float(np.median(values))
+    dark = values[values <= med]
+    if dark.size < 16 or np.ptp(dark) == 0:
+        return np.zeros(lum.shape, bool), 0.0
+    t = float(threshold_otsu(dark))
+    return (lum < t) & valid, t
+
+
+def shadow_change(
+    before: np.ndarray, after: np.ndarray, *, valid: np.ndarray, smooth_px: float = 2.0
+) -> np.ndarray:
+    """Where a pixel is in cast shadow on exactly one date (0-1, smoothed).
+
+    A change explained by the sun having moved between the dates (a shadow that
+    appeared, vanished or shifted) is not damage; the score is damped there.
+    Rubble with dark fragments is affected little: the fragments are small and
+    the map is smoothed over ``smooth_px``.
+    """
+    sb, _ = shadow_mask(before, valid)
+    sa, _ = shadow_mask(after, valid)
+    xor = (sb ^ sa).astype(np.float32)
+    return np.clip(_nan_gaussian(xor, valid, smooth_px / 2), 0, 1).astype(np.float32)
+
+
 def change_layers(
     before: np.ndarray,
     after: np.ndarray,
@@ -237,7 +283,9 @@ def change_layers(
     ssim_sigma_m: float = 0.75,
     smooth_m: float = 1.0,
     difference_z: float = 4.0,
-    vegetation_exg: tuple[float, float] = (0.04, 0.10),
+    vegetation_z: tuple[float, float] = (2.5, 5.0),
+    structure_weight: float = 0.75,
+    shadow_damping: float = 0.0,
 ) -> ChangeLayers:
     """Difference, SSIM and the fused change score of two normalised images.
 
@@ -257,9 +305,19 @@ def change_layers(
     difference_z : float
         A colour difference this many robust standard deviations above the
         scene's median difference counts as strong evidence (term near 0.86).
-    vegetation_exg : (low, high)
-        Excess-green range over which a pixel turns from "not vegetation" to
-        "vegetation" (in either date).
+    vegetation_z : (low, high)
+        Range of the excess-green index, in robust standard deviations above the
+        scene's median (each date its own), over which a pixel turns from "not
+        vegetation" to "vegetation". Relative to the scene, so it adapts to the
+        sensor's colour balance and to sparse, dry or lush vegetation.
+    structure_weight : float
+        Weight of the structure-loss term in the weighted geometric mean with the
+        colour-difference term (0.5: both count equally). Structure loss is the
+        stronger cue: rubble often keeps the colour of the roof it replaced.
+    shadow_damping : float
+        How much of the score is removed where a pixel is in cast shadow on exactly
+        one date (0: none, the default, 1: all). Off by default because a collapsed
+        building also loses its shadow: damping removes real evidence.
 
     Returns
     -------
@@ -291,15 +349,18 @@ def change_layers(
     z = np.maximum(diff_s - med, 0) / (0.5 * difference_z * spread)
     d_term = (1 - np.exp(-0.5 * z * z)).astype(np.float32)
 
-    s_term = _nan_gaussian(np.clip(1 - cs, 0, 1).astype(np.float32), ok, smooth_px)
+    s_term = _nan_gaussian(np.where(ok, np.clip(1 - cs, 0, 1), 0).astype(np.float32), ok, smooth_px)
 
     if before.shape[0] >= 3:
-        exg = np.maximum(excess_green(b32), excess_green(a32))
-        veg = _smoothstep(_nan_gaussian(exg, ok, smooth_px), *vegetation_exg).astype(np.float32)
+        z = [_robust_z(_nan_gaussian(excess_green(img), ok, smooth_px), ok) for img in (b32, a32)]
+        veg = _smoothstep(np.maximum(z[0], z[1]), *vegetation_z).astype(np.float32)
     else:
         veg = np.zeros(ok.shape, np.float32)
 
-    score = np.sqrt(np.clip(d_term * s_term, 0, 1)) * (1 - veg)
+    shadow = shadow_change(luminance(b32), luminance(a32), valid=ok, smooth_px=smooth_px)
+    w = np.float32(structure_weight)
+    fused = np.power(np.clip(s_term, 0, 1), w) * np.power(np.clip(d_term, 0, 1), 1 - w)
+    score = fused * (1 - veg) * (1 - np.float32(shadow_damping) * shadow)
     nan = np.float32(np.nan)
     return ChangeLayers(
         difference=np.where(ok, diff, nan),
@@ -307,6 +368,7 @@ def change_layers(
         structure_loss=np.where(ok, s_term, nan),
         difference_evidence=np.where(ok, d_term, nan),
         vegetation=np.where(ok, veg, nan),
+        shadow_change=np.where(ok, shadow, nan).astype(np.float32),
         score=np.where(ok, score, nan).astype(np.float32),
         valid=ok,
         noise={"difference_median": round(med, 6), "difference_spread": round(spread, 6)},

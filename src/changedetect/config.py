@@ -80,7 +80,9 @@ class Change(_Strict):
     ssim_sigma_m: float = Field(0.75, gt=0)
     smooth_m: float = Field(1.0, ge=0)
     difference_z: float = Field(4.0, gt=0)
-    vegetation_exg: tuple[float, float] = (0.04, 0.10)
+    vegetation_z: tuple[float, float] = (2.5, 5.0)
+    structure_weight: float = Field(0.75, ge=0, le=1)
+    shadow_damping: float = Field(0.0, ge=0, le=1)
 
 
 class Damage(_Strict):
@@ -88,9 +90,9 @@ class Damage(_Strict):
 
     threshold: float | Literal["auto"] = "auto"
     min_threshold: float = Field(0.3, ge=0, lt=1)
-    open_radius_m: float = Field(1.0, ge=0)
+    open_radius_m: float = Field(1.5, ge=0)
     close_radius_m: float = Field(1.0, ge=0)
-    min_area_m2: float = Field(20.0, ge=0)
+    min_area_m2: float = Field(40.0, ge=0)
     max_hole_m2: float = Field(10.0, ge=0)
     site_radius_m: float = Field(25.0, gt=0)
     refine_boundaries: bool = True
@@ -136,6 +138,8 @@ def _format_error(source: str, exc: ValidationError) -> str:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required key missing"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{source}: {key}: {msg}{more}"
 
@@ -163,6 +167,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", base: Pa
         path = value if value.is_absolute() else base / value
         if not path.exists():
             raise ConfigError(f"{source}: inputs.{key}: file not found: {value}")
+        if path.is_dir():
+            raise ConfigError(f"{source}: inputs.{key}: is a directory, expected a file: {value}")
         resolved[key] = path
     out_dir = cfg.output.dir
     if out_dir is not None and not out_dir.is_absolute():
@@ -185,6 +191,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         wrong type, or a missing input file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a pipeline file (TOML)")
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:

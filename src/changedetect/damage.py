@@ -28,9 +28,9 @@ def clean_mask(
     mask: np.ndarray,
     *,
     pixel_size: float,
-    open_radius_m: float = 1.0,
+    open_radius_m: float = 1.5,
     close_radius_m: float = 1.0,
-    min_area_m2: float = 20.0,
+    min_area_m2: float = 40.0,
     max_hole_m2: float = 10.0,
 ) -> np.ndarray:
     """Morphological clean-up of a binary change mask.

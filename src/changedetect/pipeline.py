@@ -320,7 +320,8 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
         layers = change_mod.change_layers(
             before_full[:, sl[0], sl[1]], after_norm[:, sl[0], sl[1]], valid=valid_full[sl],
             pixel_size=pixel_size, ssim_sigma_m=cfg_c.ssim_sigma_m, smooth_m=cfg_c.smooth_m,
-            difference_z=cfg_c.difference_z, vegetation_exg=tuple(cfg_c.vegetation_exg),
+            difference_z=cfg_c.difference_z, vegetation_z=tuple(cfg_c.vegetation_z),
+            structure_weight=cfg_c.structure_weight, shadow_damping=cfg_c.shadow_damping,
         )
         aoi_win = aoi_raster[or0:or1, oc0:oc1]
         inside = (aoi_win > 0) & layers.valid[inner]

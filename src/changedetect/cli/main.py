@@ -48,6 +48,9 @@ class ChangeDetectGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("changedetect: interrupted: no partial output was kept", err=True)
             ctx.exit(130)
+        except click.UsageError as exc:
+            click.echo(f"changedetect: error: {' '.join(exc.format_message().split())}", err=True)
+            ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:
