@@ -90,14 +90,14 @@ def open_raster(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(path)
     except RasterioIOError as exc:
-        raise DataError(f"{path}: not a readable raster ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: not a readable raster ({_gdal_detail(exc, path)})") from exc
     with src:
         if src.crs is None or src.transform.is_identity:
             raise DataError(f"{path}: raster has no georeferencing (CRS and transform needed)")
         if src.width * src.height > max_pixels:
             raise DataError(
                 f"{path}: raster is {src.width} x {src.height} px, above the limit of "
-                f"{max_pixels} px per band (raise max_pixels to allow it)"
+                f"{max_pixels} px per band (raise limits.max_pixels to allow it)"
             )
         if not src.transform.is_rectilinear:
             raise DataError(f"{path}: rotated rasters are not supported")
@@ -122,6 +122,50 @@ def raster_info(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _gdal_detail(exc: BaseException, path: Path) -> str:
+    """GDAL's message about ``path`` without the path repeated or driver-prefix advice."""
+    text = _first_line(exc).split("; It might help to specify the correct driver")[0]
+    text = text.replace(f"'{path}' ", "").replace(str(path), path.name)
+    return text.removeprefix(f"{path.name}: ")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message of an exception chain (GDAL's own words, e.g. a decoding error)."""
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return _first_line(exc)
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: cannot read pixels, the file is truncated or corrupt ({_root_cause(exc)})")
+
+
+def _check_readable(src: Any, path: Path, indexes: list[int], *, chunk_pixels: int = 1 << 22) -> None:
+    """Decode every pixel of ``indexes`` once, in row chunks, raising DataError on a read error.
+
+    GDAL's multi-threaded warper only prints read errors (from its worker threads) and
+    leaves the affected pixels empty, so a truncated or corrupt file would silently
+    look like nodata; reading it here first turns that into a clear error.
+    """
+    from rasterio.windows import Window
+
+    block_h = max(1, src.block_shapes[0][0])
+    step = max(block_h, (max(1, chunk_pixels // max(1, src.width)) // block_h) * block_h)
+    per_dataset_mask = any(
+        "per_dataset" in {f.name for f in flags} for flags in src.mask_flag_enums
+    )
+    try:
+        for row in range(0, src.height, step):
+            win = Window(0, row, src.width, min(step, src.height - row))
+            src.read(indexes, window=win)
+            if per_dataset_mask:
+                src.read_masks(indexes[0], window=win)
+    except RasterioError as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def _scale_for(dtype: str) -> float | None:
@@ -180,7 +224,7 @@ def read_grid(
             data = src.read(indexes, window=win, out_dtype="float32")
             masks = src.read_masks(indexes, window=win)
         except RasterioError as exc:
-            raise DataError(f"{path}: cannot read pixels ({_first_line(exc)})") from exc
+            raise _unreadable(path, exc) from exc
         valid = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
         if scale is None:
             scale = _scale_for(src.dtypes[0]) or _robust_scale(data, valid)
@@ -235,6 +279,7 @@ def warp_to_grid(
     path = Path(path)
     with open_raster(path, max_pixels=max_pixels) as src:
         indexes = _check_bands(path, src.count, bands)
+        _check_readable(src, path, indexes)
         out = np.full((len(indexes), grid.height, grid.width), np.nan, dtype=np.float32)
         try:
             for i, bidx in enumerate(indexes):
@@ -249,7 +294,7 @@ def warp_to_grid(
                     init_dest_nodata=True,
                 )
         except RasterioError as exc:
-            raise DataError(f"{path}: cannot warp onto the reference grid ({_first_line(exc)})") from exc
+            raise DataError(f"{path}: cannot warp onto the reference grid ({_root_cause(exc)})") from exc
         valid = np.all(np.isfinite(out), axis=0)
         return out, valid, src.dtypes[0], src.nodata
 
@@ -408,7 +453,7 @@ def read_vector(path: str | os.PathLike, *, what: str = "vector file") -> Any:
     try:
         gdf = gpd.read_file(path, engine="pyogrio")
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError) as exc:
-        raise DataError(f"{path}: {what} could not be read ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: {what} could not be read ({_gdal_detail(exc, path)})") from exc
     if gdf.crs is None:
         if path.suffix.lower() in (".geojson", ".json"):
             gdf = gdf.set_crs("EPSG:4326")
@@ -452,14 +497,42 @@ def file_record(path: str | os.PathLike, *, relative_to: Path | None = None) -> 
 
 
 # --------------------------------------------------------------------------- output folder
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them as usual.
+
+    Only in the main thread (the only one where Python handles signals); elsewhere
+    the block runs unprotected.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:
+            previous[sig] = signal.signal(sig, lambda n, _frame: received.append(n))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
 class OutputFolder:
     """Stage every output of a run in a hidden folder; move them into place at the end.
 
     Use as a context manager. Files are written under ``staging`` and moved into the
     output folder by :meth:`commit` (the manifest last). If the block raises (an
     error, Ctrl-C, SIGTERM turned into an exception), the staging folder is removed
-    and the output folder is left exactly as it was (and removed again if the run
-    created it), so an interrupted run leaves no partial file.
+    and the output folder is left exactly as it was (and removed again, with any
+    parent folders, if the run created them), so an interrupted run leaves no
+    partial file.
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -471,13 +544,33 @@ class OutputFolder:
                 f"{self.path}: output folder exists and is not empty (use --overwrite to replace its outputs)"
             )
         self.created = not self.path.exists()
+        # Every folder this run creates (the output folder and missing parents),
+        # deepest first, so that abort() can remove exactly those.
+        self._made: list[Path] = []
+        parent = self.path
+        while not parent.exists() and parent != parent.parent:
+            self._made.append(parent)
+            parent = parent.parent
+        self.staging = self.path / f".changedetect-partial-{os.getpid()}"
+        self._committed = False
+        self._staging_made = False
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.staging = self.path / f".changedetect-partial-{os.getpid()}"
-            self.staging.mkdir(exist_ok=True)
+            self.staging.mkdir()
+            self._staging_made = True
+        except FileExistsError as exc:
+            # Left by a run that was killed outright (SIGKILL, power cut) and whose
+            # process id is ours now: never adopt its files, never delete them.
+            self.abort()
+            raise DataError(
+                f"{self.staging}: staging folder of an earlier, killed run exists; check it and remove it"
+            ) from exc
         except OSError as exc:
+            self.abort()
             raise DataError(f"{self.path}: cannot write to output folder ({exc.strerror or exc})") from exc
-        self._committed = False
+        except BaseException:  # Ctrl-C / SIGTERM before the with-block is set up
+            self.abort()
+            raise
 
     def __enter__(self) -> OutputFolder:
         return self
@@ -495,23 +588,40 @@ class OutputFolder:
         return sorted(p for p in self.staging.iterdir() if p.is_file())
 
     def commit(self, last: str | None = None) -> list[Path]:
-        """Move every staged file into the output folder, ``last`` at the very end."""
+        """Move every staged file into the output folder, ``last`` at the very end.
+
+        Ctrl-C or SIGTERM during the move is delivered once every file is in place,
+        so an interruption never leaves old and new outputs mixed.
+        """
         files = self.staged()
         files.sort(key=lambda p: p.name == last)
         moved = []
-        for src in files:
-            dst = self.path / src.name
-            os.replace(src, dst)
-            moved.append(dst)
-        self.staging.rmdir()
-        self._committed = True
+        with _signals_deferred():
+            if last is not None and any(p.name == last for p in files):
+                # An old manifest must not outlive a half-replaced folder: drop it first,
+                # so a failed commit reads as an incomplete run, never as a valid one.
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / last).unlink()
+            for src in files:
+                dst = self.path / src.name
+                os.replace(src, dst)
+                moved.append(dst)
+            self.staging.rmdir()
+            self._committed = True
         return moved
 
     def abort(self) -> None:
-        """Remove the staging folder (and the output folder if this run created it)."""
+        """Remove the staging folder (and the folders this run created, if empty)."""
         import shutil
 
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.path.rmdir()
+        if self._committed:
+            return
+        if self._staging_made:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
