@@ -9,6 +9,7 @@ key (``damage.min_area_m2``).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -164,7 +165,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", base: Pa
         value = getattr(inputs, key)
         if value is None:
             continue
-        path = value if value.is_absolute() else base / value
+        path = value if value.is_absolute() else Path(os.path.normpath(base / value))
         if not path.exists():
             raise ConfigError(f"{source}: inputs.{key}: file not found: {value}")
         if path.is_dir():
@@ -172,7 +173,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", base: Pa
         resolved[key] = path
     out_dir = cfg.output.dir
     if out_dir is not None and not out_dir.is_absolute():
-        out_dir = base / out_dir
+        out_dir = Path(os.path.normpath(base / out_dir))
     return cfg.model_copy(
         update={
             "inputs": inputs.model_copy(update=resolved),

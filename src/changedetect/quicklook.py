@@ -80,7 +80,7 @@ def quicklook(
         ax.ticklabel_format(useOffset=False, style="plain")
     handles = [plt.Line2D([], [], color=c, lw=2, label=s) for s, c in SEVERITY_COLOURS.items()]
     handles.append(plt.Line2D([], [], color="#00e5ff", lw=1, ls="--", label="AOI"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     path = Path(path)
