@@ -7,8 +7,13 @@ after ``apt-get install qgis python3-qgis qgis-providers``), headless::
 
 Uses only the standard library and QGIS, never the project's own packages.
 Every ``*.tif`` is loaded as a raster layer (gdal provider), every ``*.geojson``
-as a vector layer (ogr provider), and every ``*.qgs``/``*.qgz`` project is
-read. All layers are then rendered together into a 400 x 400 PNG, which is
+and every layer of every ``*.gpkg`` as a vector layer (ogr provider), so QGIS
+applies any same-named ``.qml`` style (or a GeoPackage's own); each layer's
+style is described (renderer, classes, ranges, labels). Every ``*.qgs``/``*.qgz``
+project is read: its layers in legend order with their validity, CRS, source,
+visibility and style, and the project is rendered as it opens (visible layers,
+legend order, default view) into ``PNG_OUT`` with ``_project`` added to its
+name. All layers are also rendered together into a 400 x 400 PNG, which is
 read back to count the pixels that differ from the background; each layer is
 also rendered alone (in memory) to check that it draws something.
 
@@ -50,6 +55,92 @@ def _data_type_name(value, qgis):
     return str(int(value))
 
 
+def _colour(c):
+    return [c.red(), c.green(), c.blue(), c.alpha()]
+
+
+def raster_style(layer):
+    """The renderer of a raster layer: type, fixed range and colour stops, or RGB stretch."""
+    renderer = layer.renderer()
+    if renderer is None:
+        return {"renderer": None}
+    info = {"renderer": renderer.type(), "opacity": renderer.opacity()}
+    if renderer.type() == "singlebandpseudocolor":
+        shader = renderer.shader()
+        function = shader.rasterShaderFunction()
+        items = function.colorRampItemList()
+        info.update({
+            "band": renderer.band(),
+            "min": renderer.classificationMin(), "max": renderer.classificationMax(),
+            "ramp_type": int(function.colorRampType()), "clip": function.clip(),
+            "stops": [{"value": it.value, "color": _colour(it.color), "label": it.label} for it in items],
+        })
+    elif renderer.type() == "multibandcolor":
+        info["bands"] = [renderer.redBand(), renderer.greenBand(), renderer.blueBand()]
+        info["alpha_band"] = renderer.alphaBand()
+        stretch = []
+        for ce in (renderer.redContrastEnhancement(), renderer.greenContrastEnhancement(),
+                   renderer.blueContrastEnhancement()):
+            stretch.append(None if ce is None else [ce.minimumValue(), ce.maximumValue()])
+        info["stretch"] = stretch
+    elif renderer.type() == "singlebandgray":
+        info["band"] = renderer.grayBand()
+        ce = renderer.contrastEnhancement()
+        info["stretch"] = None if ce is None else [ce.minimumValue(), ce.maximumValue()]
+    return info
+
+
+def _symbol_info(symbol, qgis):
+    if symbol is None:
+        return None
+    info = {"type": int(symbol.type()), "color": _colour(symbol.color()), "layers": []}
+    for i in range(symbol.symbolLayerCount()):
+        sl = symbol.symbolLayer(i)
+        props = sl.dataDefinedProperties()
+        dd = {}
+        for key, name in ((qgis.QgsSymbolLayer.PropertyAngle, "angle"), (qgis.QgsSymbolLayer.PropertySize, "size")):
+            prop = props.property(key)
+            if prop.isActive():
+                dd[name] = prop.expressionString()
+        info["layers"].append({"class": sl.layerType(), "data_defined": dd})
+    return info
+
+
+def vector_style(layer, qgis):
+    """The renderer and labels of a vector layer (classes, rules, symbols, label expression)."""
+    renderer = layer.renderer()
+    if renderer is None:
+        return {"renderer": None}
+    info = {"renderer": renderer.type(), "labels_enabled": layer.labelsEnabled()}
+    if renderer.type() == "categorizedSymbol":
+        categories = renderer.categories()  # keep a reference: chained calls segfault
+        info["attribute"] = renderer.classAttribute()
+        info["categories"] = []
+        for cat in categories:
+            symbol = cat.symbol()
+            info["categories"].append({"value": cat.value(), "label": cat.label(), "symbol": _symbol_info(symbol, qgis)})
+    elif renderer.type() == "singleSymbol":
+        symbol = renderer.symbol()
+        info["symbol"] = _symbol_info(symbol, qgis)
+    elif renderer.type() == "RuleRenderer":
+        root = renderer.rootRule()
+        children = root.children()
+        info["rules"] = []
+        for rule in children:
+            symbol = rule.symbol()
+            info["rules"].append({"filter": rule.filterExpression(), "label": rule.label(), "else": rule.isElse(),
+                                  "symbol": _symbol_info(symbol, qgis)})
+    if layer.labelsEnabled() and layer.labeling() is not None:
+        labeling = layer.labeling()
+        settings = labeling.settings()
+        fmt = settings.format()
+        buffer = fmt.buffer()
+        info["label_expression"] = settings.fieldName
+        info["label_is_expression"] = settings.isExpression
+        info["label_buffer"] = buffer.enabled()
+    return info
+
+
 def raster_info(layer, qgis):
     """Validity, CRS, bands, nodata and band-1 statistics of a raster layer."""
     info = {"type": "raster", "valid": layer.isValid(), "crs": layer.crs().authid()}
@@ -79,6 +170,7 @@ def raster_info(layer, qgis):
                                 | qgis.QgsRasterBandStats.Mean)
     info["band1_stats"] = {"min": _num(stats.minimumValue), "max": _num(stats.maximumValue),
                            "mean": _num(stats.mean)}
+    info["style"] = raster_style(layer)
     return info
 
 
@@ -93,7 +185,23 @@ def vector_info(layer, qgis):
     info["geometry_type"] = qgis.QgsWkbTypes.displayString(layer.wkbType())
     info["fields"] = [f.name() for f in layer.fields()]
     info["features_read"] = sum(1 for _ in layer.getFeatures())
+    info["style"] = vector_style(layer, qgis)
     return info
+
+
+def gpkg_layer_names(path, qgis):
+    """Names of the vector layers of a GeoPackage, in file order."""
+    probe = qgis.QgsVectorLayer(str(path), "probe", "ogr")
+    provider = probe.dataProvider()
+    names = []
+    if provider is not None:
+        separator = provider.sublayerSeparator()
+        for sub in provider.subLayers():
+            parts = sub.split(separator)
+            if len(parts) > 1:
+                names.append(parts[1])
+    del probe
+    return names
 
 
 def nonblank_pixels(image, background):
@@ -111,7 +219,7 @@ def nonblank_pixels(image, background):
     return count
 
 
-def render(layers, crs, extent, qgis, path=None):
+def render(layers, crs, extent, qgis, path=None, project=None):
     """Render ``layers`` (top first); return (QImage, errors, seconds)."""
     from qgis.PyQt.QtCore import QSize
     from qgis.PyQt.QtGui import QColor
@@ -122,6 +230,8 @@ def render(layers, crs, extent, qgis, path=None):
     settings.setOutputSize(QSize(SIZE, SIZE))
     settings.setBackgroundColor(QColor(*BACKGROUND))
     settings.setExtent(extent)
+    if project is not None:
+        settings.setTransformContext(project.transformContext())
     t0 = time.perf_counter()
     job = qgis.QgsMapRendererSequentialJob(settings)
     job.start()
@@ -134,27 +244,63 @@ def render(layers, crs, extent, qgis, path=None):
     return image, errors, seconds
 
 
-def read_project(path, qgis):
-    """Read a QGIS project file and report its layers' validity."""
+def full_extent(layers, crs, qgis, project=None):
+    """Union of the layers' extents in ``crs``."""
+    extent = qgis.QgsRectangle()
+    extent.setMinimal()
+    for lyr in layers:
+        tr = qgis.QgsCoordinateTransform(lyr.crs(), crs, project or qgis.QgsProject.instance())
+        extent.combineExtentWith(tr.transformBoundingBox(lyr.extent()))
+    return extent
+
+
+def read_project(path, qgis, png_out=None):
+    """Read a QGIS project file: its layers in legend order, and a render as it opens."""
     project = qgis.QgsProject()
     ok = project.read(str(path))
     layers = list(project.mapLayers().values())
-    return {
+    root = project.layerTreeRoot()
+    tree = []
+    for node in root.findLayers():
+        lyr = node.layer()
+        entry = {"name": node.name(), "id": node.layerId(), "visible": node.isVisible(), "loaded": lyr is not None}
+        group = node.parent()
+        entry["group"] = group.name() if group is not None and group is not root else None
+        if lyr is not None:
+            entry.update({"valid": lyr.isValid(), "crs": lyr.crs().authid(), "provider": lyr.providerType(),
+                          "source": lyr.source()})
+            if lyr.isValid():
+                if isinstance(lyr, qgis.QgsRasterLayer):
+                    entry["type"] = "raster"
+                    entry["style"] = raster_style(lyr)
+                else:
+                    entry["type"] = "vector"
+                    entry["feature_count"] = lyr.featureCount()
+                    entry["style"] = vector_style(lyr, qgis)
+        tree.append(entry)
+    view = project.viewSettings().defaultViewExtent()
+    report = {
         "read_ok": bool(ok),
         "layer_count": len(layers),
         "invalid_layers": sorted(lyr.name() for lyr in layers if not lyr.isValid()),
         "crs": project.crs().authid(),
+        "title": project.title(),
+        "tree": tree,
+        "groups": [g.name() for g in root.children() if isinstance(g, qgis.QgsLayerTreeGroup)],
+        "default_view": None if view.isNull() else {"extent": _extent(view), "crs": view.crs().authid()},
     }
+    if png_out is not None and ok:
+        visible = [lyr for lyr in root.layerOrder() if root.findLayer(lyr.id()).isVisible() and lyr.isValid()]
+        extent = qgis.QgsRectangle(view) if not view.isNull() else full_extent(visible, project.crs(), qgis, project)
+        image, errors, seconds = render(visible, project.crs(), extent, qgis, png_out, project=project)
+        report["render"] = {"path": str(png_out), "layers": [lyr.name() for lyr in visible], "errors": errors,
+                            "seconds": round(seconds, 3), "nonblank_pixels": nonblank_pixels(image, BACKGROUND)}
+    return report
 
 
-def check(outdir, png_out, qgis):
-    """Load, describe and render every output; return (report, problems)."""
-    from qgis.PyQt.QtGui import QImage
-
-    report = {"qgis_version": qgis.Qgis.QGIS_VERSION, "layers": {}, "projects": {}}
-    problems = []
-    t0 = time.perf_counter()
-    rasters, vectors, names = [], [], {}  # names: layer id -> file name
+def load_layers(outdir, report, qgis):
+    """Load every raster and vector layer of ``outdir`` (styles apply themselves); describe them."""
+    rasters, vectors, names = [], [], {}
     for path in sorted(outdir.glob("*.tif")):
         layer = qgis.QgsRasterLayer(str(path), path.stem, "gdal")
         report["layers"][path.name] = raster_info(layer, qgis)
@@ -165,10 +311,31 @@ def check(outdir, png_out, qgis):
         report["layers"][path.name] = vector_info(layer, qgis)
         vectors.append(layer)
         names[layer.id()] = path.name
+    for path in sorted(outdir.glob("*.gpkg")):
+        for sub in gpkg_layer_names(path, qgis):
+            layer = qgis.QgsVectorLayer(f"{path}|layername={sub}", sub, "ogr")
+            key = f"{path.name}|{sub}"
+            report["layers"][key] = vector_info(layer, qgis)
+            vectors.append(layer)
+            names[layer.id()] = key
+    return rasters, vectors, names
+
+
+def check(outdir, png_out, qgis):
+    """Load, describe and render every output; return (report, problems)."""
+    from qgis.PyQt.QtGui import QImage
+
+    report = {"qgis_version": qgis.Qgis.QGIS_VERSION, "layers": {}, "projects": {}}
+    problems = []
+    t0 = time.perf_counter()
+    rasters, vectors, names = load_layers(outdir, report, qgis)  # names: layer id -> file name
     for path in sorted([*outdir.glob("*.qgs"), *outdir.glob("*.qgz")]):
-        report["projects"][path.name] = proj = read_project(path, qgis)
+        project_png = png_out.with_name(f"{png_out.stem}_project{png_out.suffix}")
+        report["projects"][path.name] = proj = read_project(path, qgis, project_png)
         if not proj["read_ok"] or proj["invalid_layers"]:
             problems.append(f"{path.name}: project not read cleanly: {proj}")
+        if proj.get("render", {}).get("errors"):
+            problems.append(f"{path.name}: render errors {proj['render']['errors']}")
     report["load_seconds"] = round(time.perf_counter() - t0, 3)
     for name, info in report["layers"].items():
         if not info["valid"]:

@@ -421,7 +421,7 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
         # manifest last.
         outputs = [io.file_record(p, relative_to=out.staging) for p in out.staged()]
         input_records = {
-            key: {**io.file_record(getattr(inputs, key)), "path": str(getattr(inputs, key))}
+            key: {**io.file_record(getattr(inputs, key)), "path": str(Path(getattr(inputs, key)).resolve())}
             for key in ("before", "after", "aois", "sites", "truth") if getattr(inputs, key) is not None
         }
         dates = config.dates.model_dump(mode="json")

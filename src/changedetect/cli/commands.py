@@ -210,3 +210,27 @@ def verify(outdir: Path, rerun: bool, strict: bool, as_json: bool) -> None:
         click.echo(f"{verdict}: {report['checked']} output(s) checked in {outdir}" + (", re-run compared" if rerun else ""))
     if not report["ok"]:
         raise SystemExit(1)
+
+
+@click.command()
+@click.argument("outdir", type=click.Path(path_type=Path))
+def report(outdir: Path) -> None:
+    """Rewrite report.html, the QGIS styles and project of an output folder.
+
+    Rebuilds report.html, the .qml styles, project.qgs, layers.gpkg and the site
+    layers from OUTDIR's summary.json and manifest.json and the run's input files,
+    which must still be where the manifest says and unchanged. The files are
+    rewritten in place, each atomically. With the same changedetect version they
+    are byte-identical to what the run wrote, so `changedetect verify OUTDIR`
+    still passes; any file that differs is named.
+
+    \b
+    Example:
+      changedetect report output/harem
+    """
+    from ..publish import regenerate
+
+    result = regenerate(outdir)
+    click.echo(f"rewrote {len(result['written'])} file(s) in {outdir}, {len(result['identical'])} identical to the run")
+    for name in result["differs"]:
+        click.echo(f"differs from manifest.json: {name} (changedetect verify will report it)", err=True)

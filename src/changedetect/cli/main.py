@@ -98,9 +98,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from .commands import coregister, detect, evaluate, run, sample, verify
+    from .commands import coregister, detect, evaluate, report, run, sample, verify
 
-    for cmd in (run, detect, coregister, evaluate, verify, sample):
+    for cmd in (run, detect, coregister, evaluate, verify, report, sample):
         cli.add_command(cmd)
 
 
