@@ -80,7 +80,7 @@ class Change(_Strict):
 
     ssim_sigma_m: float = Field(0.75, gt=0)
     smooth_m: float = Field(1.0, ge=0)
-    difference_z: float = Field(4.0, gt=0)
+    difference_z: float = Field(8.0, gt=0)
     vegetation_z: tuple[float, float] = (2.5, 5.0)
     structure_weight: float = Field(0.75, ge=0, le=1)
     shadow_damping: float = Field(0.0, ge=0, le=1)

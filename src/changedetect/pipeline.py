@@ -293,7 +293,14 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
         valid_full = bvalid_full & avalid_full
 
         # 3. radiometry over the whole common area.
-        after_norm, fit = normalize(after_full, before_full, method=config.radiometry.method, valid=valid_full)
+        # fitted on pixels whose local pattern did not change (see change.stable_mask).
+        stable = change_mod.stable_mask(
+            before_full, after_full, valid=valid_full, sigma=max(1.5, config.change.ssim_sigma_m / pixel_size)
+        )
+        after_norm, fit = normalize(
+            after_full, before_full, method=config.radiometry.method, valid=valid_full, fit=stable
+        )
+        del stable
         del after_full
 
         # footprint of common data, AOIs.

@@ -54,22 +54,26 @@ def _check(image: np.ndarray, reference: np.ndarray, valid: np.ndarray | None) -
     return valid.astype(bool, copy=False)
 
 
-def _match_cumulative_cdf(source: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """Map ``source`` values so that their distribution matches ``template``'s.
+def _match_cumulative_cdf(
+    source: np.ndarray, template: np.ndarray, values: np.ndarray | None = None
+) -> np.ndarray:
+    """Map values so that ``source``'s distribution matches ``template``'s.
 
-    Both are 1-D arrays of valid samples. Returns the mapped source values.
-    Quantile mapping as in :func:`skimage.exposure.match_histograms`, done on
-    sorted samples so float data needs no binning.
+    ``source`` and ``template`` are 1-D arrays of samples that define the mapping
+    (quantile mapping as in :func:`skimage.exposure.match_histograms`, on sorted
+    samples so float data needs no binning). The mapping is applied to ``values``
+    (default: ``source``), interpolating between the source samples and clamping
+    beyond their range.
     """
-    src_sorted = np.sort(source)
-    tmpl_sorted = np.sort(template)
-    # Quantile of every source sample (mid-rank for ties), then template value at it.
-    src_values, src_idx, src_counts = np.unique(src_sorted, return_inverse=True, return_counts=True)
+    src_values, src_counts = np.unique(source, return_counts=True)
+    # Quantile of every distinct source value (mid-rank for ties), then template value at it.
     src_quantiles = (np.cumsum(src_counts) - 0.5 * src_counts) / source.size
+    tmpl_sorted = np.sort(template)
     tmpl_quantiles = (np.arange(template.size) + 0.5) / template.size
     mapped_values = np.interp(src_quantiles, tmpl_quantiles, tmpl_sorted)
-    positions = np.searchsorted(src_values, source)
-    return mapped_values[positions]
+    if values is None:
+        return mapped_values[np.searchsorted(src_values, source)]
+    return np.interp(values, src_values, mapped_values)
 
 
 def match_histograms(
@@ -77,6 +81,7 @@ def match_histograms(
     reference: np.ndarray,
     *,
     valid: np.ndarray | None = None,
+    fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, NormalisationFit]:
     """Match each band's histogram of ``image`` to ``reference`` on valid pixels.
 
@@ -87,6 +92,9 @@ def match_histograms(
     valid : (rows, cols) bool ndarray, optional
         True where both images hold data. Statistics use these pixels only, and
         invalid pixels are returned unchanged.
+    fit : (rows, cols) bool ndarray, optional
+        Pixels (within ``valid``) whose histograms define the mapping; by default
+        all valid pixels. Used to fit on pixels that did not change.
 
     Returns
     -------
@@ -100,9 +108,10 @@ def match_histograms(
     n = int(valid.sum())
     if n == 0:
         raise ValueError("valid has no True pixel")
+    fit = _fit_mask(valid, fit)
     for b in range(image.shape[0]):
-        out[b][valid] = _match_cumulative_cdf(image[b][valid], reference[b][valid])
-    return out, _fit_report("histogram", image, out, reference, valid)
+        out[b][valid] = _match_cumulative_cdf(image[b][fit], reference[b][fit], image[b][valid])
+    return out, _fit_report("histogram", image, out, reference, valid, keep_count=int(fit.sum()))
 
 
 def linear_normalize(
@@ -112,6 +121,7 @@ def linear_normalize(
     valid: np.ndarray | None = None,
     iterations: int = 5,
     clip_sigma: float = 2.5,
+    fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, NormalisationFit]:
     """Robust per-band linear regression of ``reference`` on ``image``.
 
@@ -127,8 +137,9 @@ def linear_normalize(
     valid = _check(image, reference, valid)
     if iterations < 1:
         raise ValueError("iterations must be >= 1")
-    x = image[:, valid].astype(np.float64)
-    y = reference[:, valid].astype(np.float64)
+    fit = _fit_mask(valid, fit)
+    x = image[:, fit].astype(np.float64)
+    y = reference[:, fit].astype(np.float64)
     if x.shape[1] < 2:
         raise ValueError("valid has fewer than 2 True pixels")
     keep = np.ones(x.shape[1], dtype=bool)
@@ -159,17 +170,33 @@ def normalize(
     *,
     method: str = "histogram",
     valid: np.ndarray | None = None,
+    fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, NormalisationFit]:
-    """Dispatch to a normalisation ``method``: "histogram", "linear" or "none"."""
+    """Dispatch to a normalisation ``method``: "histogram", "linear" or "none".
+
+    ``fit`` (optional, bool) restricts the pixels whose statistics define the
+    mapping, e.g. to pixels whose local structure did not change; the mapping is
+    applied to every valid pixel.
+    """
     if method == "histogram":
-        return match_histograms(image, reference, valid=valid)
+        return match_histograms(image, reference, valid=valid, fit=fit)
     if method == "linear":
-        return linear_normalize(image, reference, valid=valid)
+        return linear_normalize(image, reference, valid=valid, fit=fit)
     if method == "none":
         valid = _check(image, reference, valid)
         out = np.array(image, dtype=np.float32, copy=True)
         return out, _fit_report("none", image, out, reference, valid)
     raise ValueError(f"method must be 'histogram', 'linear' or 'none', got {method!r}")
+
+
+def _fit_mask(valid: np.ndarray, fit: np.ndarray | None, minimum: int = 100) -> np.ndarray:
+    """The pixels that define a mapping: ``fit & valid``, or all valid ones if too few."""
+    if fit is None:
+        return valid
+    if fit.shape != valid.shape:
+        raise ValueError(f"fit must have shape {valid.shape}, got {fit.shape}")
+    chosen = fit.astype(bool) & valid
+    return chosen if chosen.sum() >= min(minimum, int(valid.sum())) else valid
 
 
 def _fit_report(
