@@ -234,3 +234,49 @@ def report(outdir: Path) -> None:
     click.echo(f"rewrote {len(result['written'])} file(s) in {outdir}, {len(result['identical'])} identical to the run")
     for name in result["differs"]:
         click.echo(f"differs from manifest.json: {name} (changedetect verify will report it)", err=True)
+
+
+@click.command()
+@click.argument("pipelines", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes of the local cluster (default: one per CPU, at most one per pipeline).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run on a running dask scheduler (e.g. tcp://10.0.0.5:8786) instead of a local cluster.")
+@click.option("--out-root", type=out_path, help="Write each pipeline's outputs to OUT_ROOT/<pipeline name> instead of its output.dir.")
+@overwrite_opt
+@click.pass_context
+def batch(ctx: click.Context, pipelines: tuple[Path, ...], workers: int | None, scheduler: str | None, out_root: Path | None, overwrite: bool) -> None:
+    """Run many pipeline files in parallel on dask.distributed, one job each.
+
+    A pipeline whose output folder already verifies against its manifest (same
+    configuration) is skipped; a failing pipeline does not stop the others. Prints
+    a summary table; exits 1 if any pipeline failed.
+
+    \b
+    Examples:
+      changedetect batch pipelines/*.toml --workers 4
+      changedetect batch pipelines/*.toml --out-root out/
+      changedetect batch pipelines/*.toml --scheduler tcp://10.0.0.5:8786
+    """
+    import sys
+
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from ..batch import STATUS_FAILED, JobResult, format_summary, plan_jobs, run_batch
+
+    if workers is not None and scheduler is not None:
+        raise click.UsageError("--workers and --scheduler cannot be combined (a cluster has its own workers)")
+    verbosity = (ctx.obj or {}).get("verbosity", 0)
+    jobs = plan_jobs(pipelines, out_root=out_root)
+    with tqdm(total=len(jobs), unit="job", file=sys.stderr, disable=verbosity < 0 or not sys.stderr.isatty()) as bar:
+
+        def done(result: JobResult) -> None:
+            bar.set_postfix_str(f"{result['pipeline']}: {result['status']}", refresh=False)
+            bar.update()
+
+        results = run_batch(jobs, workers=workers, scheduler=scheduler, overwrite=overwrite, on_result=done)
+    click.echo(format_summary(results))
+    if verbosity >= 0:
+        for r in results:
+            for text in r["warnings"]:
+                click.echo(f"changedetect: warning: {r['pipeline']}: {text}", err=True)
+    if any(r["status"] == STATUS_FAILED for r in results):
+        ctx.exit(1)

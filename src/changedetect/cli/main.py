@@ -98,9 +98,18 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from .commands import coregister, detect, evaluate, report, run, sample, verify
+    from .commands import (
+        batch,
+        coregister,
+        detect,
+        evaluate,
+        report,
+        run,
+        sample,
+        verify,
+    )
 
-    for cmd in (run, detect, coregister, evaluate, verify, report, sample):
+    for cmd in (run, detect, coregister, evaluate, verify, sample, report, batch):
         cli.add_command(cmd)
 
 
