@@ -8,7 +8,7 @@ names the file and the problem, that there is no traceback, and that a failed ru
 changes nothing on disk: no output folder, no parent folder, no partial file, and an
 existing folder stays byte-identical.
 
-docs/bad-inputs.md lists the messages these tests produce.
+The README section "Bad input, exit codes and interrupted runs" lists the messages these tests produce.
 """
 
 from __future__ import annotations
