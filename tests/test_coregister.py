@@ -352,6 +352,7 @@ def test_tie_points_and_json(
         "n_inliers",
         "n_outliers",
         "rmse",
+        "shadows_masked",
     }
 
 
@@ -619,3 +620,143 @@ def test_taper_is_flat_in_the_middle() -> None:
     assert taper[0] < 0.05
     assert taper[-1] < 0.05
     np.testing.assert_allclose(taper, taper[::-1])
+
+
+# ---------------------------------------------------------------------------
+# Geometric models (register): translation, affine, field, refusal
+# ---------------------------------------------------------------------------
+
+
+def warped_pair(n: int, disp, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, moving) with moving[p + d(p)] ~= reference[p] for a displacement d."""
+    big = texture(n + 64, seed)
+    ref = big[32 : 32 + n, 32 : 32 + n].astype(np.float32)
+    r, c = np.mgrid[0:n, 0:n].astype(np.float64)
+    qr, qc = r.copy(), c.copy()
+    for _ in range(5):  # invert p = q + d(q)
+        dy, dx = disp(qr, qc)
+        qr, qc = r - dy, c - dx
+    mov = ndi.map_coordinates(big, [qr + 32, qc + 32], order=3, mode="reflect")
+    return ref, mov.astype(np.float32)
+
+
+def max_model_error(reg: cr.Registration, disp, n: int, margin: int = 48) -> float:
+    r, c = np.mgrid[margin : n - margin : 16, margin : n - margin : 16].astype(np.float64)
+    dy, dx = reg.model.displacement(r, c)
+    ty, tx = disp(r, c)
+    return float(np.hypot(dy - ty, dx - tx).max())
+
+
+def test_register_translation_known_answer() -> None:
+    def disp(r, c):
+        return np.full_like(r, 4.3), np.full_like(c, -2.6)
+
+    ref, mov = warped_pair(320, disp)
+    reg = cr.register(ref, mov, max_shift=16, window=64)
+    assert reg.model.kind == "translation"
+    assert reg.reliable
+    assert max_model_error(reg, disp, 320) < 0.05
+    assert reg.rmse < 0.1
+    assert reg.n_used >= 16
+    assert reg.candidates["affine"]["supported"]
+
+
+def test_register_affine_rotation_known_answer() -> None:
+    t = math.radians(0.8)
+    centre = 159.5
+
+    def disp(r, c):
+        rr, cc = r - centre, c - centre
+        return (math.cos(t) - 1) * rr + math.sin(t) * cc + 1.5, -math.sin(t) * rr + (
+            math.cos(t) - 1
+        ) * cc - 2.0
+
+    ref, mov = warped_pair(320, disp)
+    reg = cr.register(ref, mov, max_shift=16, window=64)
+    assert reg.model.kind == "affine"
+    assert reg.reliable
+    assert max_model_error(reg, disp, 320) < 0.1
+    assert abs(reg.model.parameters((320, 320))["rotation_deg"]) == pytest.approx(0.8, abs=0.02)
+    # the translation-only cap falls back and says so
+    capped = cr.register(ref, mov, max_shift=16, window=64, model="translation")
+    assert capped.model.kind == "translation"
+
+
+def test_register_local_field_known_answer() -> None:
+    n = 384
+
+    def disp(r, c):
+        return 2.0 + 1.5 * np.sin(2 * np.pi * c / 700.0) * np.cos(np.pi * r / 700.0), -1.0 + 1.5 * np.cos(
+            2 * np.pi * r / 700.0
+        ) * np.sin(np.pi * c / 700.0)
+
+    ref, mov = warped_pair(n, disp)
+    reg = cr.register(ref, mov, max_shift=16, window=64, spacing=48)
+    assert reg.model.kind == "field"
+    assert reg.reliable
+    assert not reg.model.is_linear
+    assert max_model_error(reg, disp, n) < 0.25
+    assert reg.candidates["field"]["cv_rmse_px"] < reg.candidates["affine"]["cv_rmse_px"]
+
+
+def test_register_refuses_unrelated_images() -> None:
+    a = texture(320, 11).astype(np.float32)
+    b = texture(320, 12).astype(np.float32)
+    reg = cr.register(a, b, max_shift=32, window=64)
+    assert not reg.reliable
+    assert reg.model.kind == "none"
+    assert reg.notes
+    d = reg.as_dict((320, 320))
+    assert d["reliable"] is False
+    json.dumps(d, allow_nan=False)
+
+
+def test_register_changed_patch_ignored() -> None:
+    def disp(r, c):
+        return np.full_like(r, -3.4), np.full_like(c, 5.2)
+
+    ref, mov = warped_pair(320, disp)
+    mov = mov.copy()
+    mov[40:180, 60:200] = texture(140, 99)[:, :140]
+    reg = cr.register(ref, mov, max_shift=16, window=64)
+    assert reg.reliable
+    assert max_model_error(reg, disp, 320) < 0.05
+    assert reg.n_rejected >= 3
+
+
+def test_model_selection_needs_significance() -> None:
+    rng = np.random.default_rng(2841)
+    simple = rng.normal(1.0, 0.1, 40) ** 2
+    assert not cr._richer_is_better(simple * 0.97, simple)
+    assert cr._richer_is_better(simple * 0.5, simple)
+    assert cr._wilcoxon_greater(np.zeros(10)) == 1.0
+
+
+def test_dark_threshold_bimodal_only() -> None:
+    rng = np.random.default_rng(2841)
+    unimodal = rng.normal(0.5, 0.1, (128, 128)).astype(np.float32)
+    mask = np.ones_like(unimodal, bool)
+    assert cr._dark_threshold(unimodal, mask) is None
+    bimodal = unimodal + 0.0
+    bimodal[:40] = rng.normal(0.1, 0.03, (40, 128))
+    t = cr._dark_threshold(bimodal, mask)
+    assert t is not None
+    assert 0.15 < t < 0.45
+    # a dark majority is not a shadow class
+    assert cr._dark_threshold(1.0 - bimodal, mask) is None
+
+
+def test_spline_crop_matches_ndimage_shift() -> None:
+    g = texture(72, 3).astype(np.float32)
+    coef = ndi.spline_filter(g, order=3, mode="mirror", output=np.float32)
+    got = cr._spline_crop(coef, 0.37, -1.62, 4, 64, 64)
+    want = ndi.shift(g, (-0.37, 1.62), order=3, mode="nearest")[4:68, 4:68]
+    np.testing.assert_allclose(got[6:-6, 6:-6], want[6:-6, 6:-6], atol=1e-4)
+
+
+def test_geometric_model_source_coordinates() -> None:
+    m = cr.GeometricModel.translation(1.5, -2.0)
+    r, c = m.source_coordinates(np.array([0.0, 10.0]), np.array([5.0, 5.0]))
+    np.testing.assert_allclose(r, [1.5, 11.5])
+    np.testing.assert_allclose(c, [3.0, 3.0])
+    assert cr.GeometricModel.identity().parameters((10, 10))["shift_at_centre_px"] == {"dy": 0.0, "dx": 0.0}

@@ -22,7 +22,7 @@ from conftest import ORIGIN, PAIR_SHIFT, UTM, rgb_scene
 EXPECTED = {
     "sites.geojson", "sites_uncertainty.geojson", "layers.gpkg", "project.qgs", "report.html",
     "after_coregistered.qml", "difference.qml", "ssim.qml", "score.qml", "damage.qml", "aois.qml",
-    "sites.qml", "sites_uncertainty.qml",
+    "sites.qml", "sites_uncertainty.qml", "tie_points.geojson", "tie_points.qml",
 }
 #: Centre of the planted change (before rows 70:90, cols 80:100 of the crop, 0.5 m pixels).
 CHANGE_XY = (ORIGIN[0] + 0.5 * 90, ORIGIN[1] - 0.5 * 80)
@@ -182,7 +182,6 @@ def test_run_publishes_styled_layers_project_and_report(run_dir):
     out, inputs = run_dir
     names = {p.name for p in out.iterdir()}
     assert names >= EXPECTED
-    assert "tie_points.qml" not in names
     for p in out.iterdir():
         if p.suffix in (".tif", ".geojson"):
             assert (out / f"{p.stem}.qml").is_file(), f"no style beside {p.name}"
@@ -213,7 +212,7 @@ def test_geopackage_has_every_layer_in_the_run_crs(run_dir):
     out, _ = run_dir
     gpkg = out / "layers.gpkg"
     listed = [r[0] for r in pyogrio.list_layers(gpkg)]
-    assert listed == ["damage", "aois", "sites", "sites_uncertainty", "layer_styles"]
+    assert listed == ["damage", "aois", "sites", "sites_uncertainty", "tie_points", "layer_styles"]
     for name in listed[:-1]:
         layer = gpd.read_file(gpkg, layer=name)
         assert layer.crs.to_epsg() == 32637, name
@@ -234,7 +233,8 @@ def test_project_file_order_sources_crs_and_extent(run_dir):
     tree = [(g.get("name"), [lyr.get("name") for lyr in g.findall("layer-tree-layer")])
             for g in root.findall("layer-tree-group/layer-tree-group")]
     assert tree == [
-        ("Damage assessment", ["reported sites", "site uncertainty", "damage by severity", "areas of interest"]),
+        ("Damage assessment", ["reported sites", "site uncertainty", "damage by severity", "areas of interest",
+                               "co-registration tie points"]),
         ("Change evidence", ["change score", "colour difference", "structural similarity (SSIM)"]),
         ("Imagery", ["after (co-registered)", "before"]),
     ]
@@ -261,11 +261,11 @@ def test_publish_is_deterministic_and_styles_tie_points(run_dir, tmp_path):
     for name in ("a", "b"):
         dst = tmp_path / name / "out"
         shutil.copytree(out, dst)
-        io.write_vector(dst / "tie_points.geojson", tie_points(), layer="tie_points")
+        io.write_vector(dst / "tie_points.geojson", tie_points(), layer="tie_points", overwrite=True)
         written = publish.publish_outputs(dst, crs=UTM, summary=summary, inputs=inputs)
         folders.append((dst, written))
     (a, written_a), (b, _) = folders
-    assert {p.name for p in written_a} == EXPECTED | {"tie_points.qml"}
+    assert {p.name for p in written_a} == EXPECTED - {"tie_points.geojson"}
     for p in written_a:
         assert p.read_bytes() == (b / p.name).read_bytes(), p.name
     assert [r[0] for r in pyogrio.list_layers(a / "layers.gpkg")][-2:] == ["tie_points", "layer_styles"]
@@ -298,7 +298,7 @@ def test_report_command_rewrites_identical_files(runner, run_dir, tmp_path):
     (dst / "report.html").unlink()
     res = runner.invoke(cli, ["report", str(dst)])
     assert res.exit_code == 0, res.output + res.stderr
-    assert "13 identical to the run" in res.output
+    assert "14 identical to the run" in res.output
     assert res.stderr == ""
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     res = runner.invoke(cli, ["verify", str(dst)])

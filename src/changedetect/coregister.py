@@ -1,4 +1,4 @@
-"""Global co-registration: the translation that aligns an after image onto a before image.
+"""Co-registration: the translation, affine or local model that aligns an after image.
 
 Sign convention
 ---------------
@@ -33,9 +33,9 @@ Method
    (phase normalisation biases sub-pixel estimates of band-limited imagery) is
    located with the upsampled matrix-multiply DFT of Guizar-Sicairos et al.
    (2008) and a parabolic fit on the upsampled grid. The moving window is then
-   resampled onto the estimate and the residual measured again (up to three
-   times), which removes the bias of a taper that stays put while the content
-   moves. The taper is a Tukey window (Hann flanks over the outer 12.5 % of
+   resampled onto the estimate and the residual measured again (up to four
+   times, with Tukey-biweight weights on the pixel residuals), which removes
+   the bias of a taper that stays put while the content moves. The taper is a Tukey window (Hann flanks over the outer 12.5 % of
    each side): a full Hann window leaves almost no weight near the window
    edges, where in a mostly changed scene the only stable content may lie.
 4. Consensus (:func:`estimate_shift_tiles`, and by default inside
@@ -47,8 +47,21 @@ Method
    is returned with the inlier count and RMSE. This keeps working when most of
    the scene changed, where whole-image correlation has no usable peak.
 
-The per-window results (:class:`TiePoints`) are the input a later local
-(affine or displacement-field) model can be fitted to.
+5. Local model (:func:`register`): a dense grid of windows is measured around
+   the shift the global estimate (or an affine model of its windows)
+   predicts; outliers are rejected (affine RANSAC for the trend, normalised
+   median test among neighbours); translation, affine and a thin-plate-spline
+   displacement field are compared by spatially blocked cross-validation, and
+   a richer model is used only when it cuts the held-out error significantly.
+   The result (:class:`Registration`) carries the :class:`GeometricModel` to
+   apply in one resampling, its held-out residual and a reliability verdict.
+
+Cast shadows move with the sun between the dates. In built-up scenes their
+edges are a large share of all edges and bias a translation toward their own
+displacement: :func:`register` leaves out the dark mode of the luminance
+histogram when both images have a distinct one (``shadows=None``), and the
+sub-pixel step down-weights pixels whose residual is an outlier (Tukey
+biweight), so that content that moved on its own drops out.
 
 References
 ----------
@@ -75,12 +88,16 @@ from scipy import fft as sfft
 from scipy import ndimage as ndi
 
 __all__ = [
+    "MODELS",
+    "GeometricModel",
+    "Registration",
     "ShiftEstimate",
     "TiePoints",
     "apply_shift",
     "estimate_shift",
     "estimate_shift_tiles",
     "prepare",
+    "register",
 ]
 
 # Largest shift (pixels) left to search at the coarsest pyramid level.
@@ -104,7 +121,9 @@ _TAPER_ALPHA = 0.25
 # Margin (pixels) of the moving window resampled at sub-pixel offsets, and the
 # number of resample-and-measure iterations.
 _RESAMPLE_MARGIN = 4
-_RESAMPLE_ITERATIONS = 3
+_RESAMPLE_ITERATIONS = 4
+# Tuning constant of the Tukey biweight (95 % efficiency under Gaussian noise).
+_TUKEY_C = 4.685
 # Peak ratios are capped here (a peak with no competitor is "infinitely" good).
 _RATIO_CAP = 1000.0
 # Levels with at most this many pixels get their features computed once, whole.
@@ -157,6 +176,12 @@ class TiePoints:
         Pixels with weight in both windows at full resolution.
     accepted : (N,) ndarray of bool
         True for the windows kept as inliers of the consensus.
+    similarity : (N,) ndarray of float64 or None
+        Share (0-1) of each window that still matches once aligned: the
+        mean of its block similarity weights (see :func:`estimate_shift`).
+    residual : (N,) ndarray of float64 or None
+        Distance (pixels) of each window's shift from the fitted model
+        (:func:`register` only).
     """
 
     row: NDArray[np.float64]
@@ -166,6 +191,8 @@ class TiePoints:
     peak_ratio: NDArray[np.float64]
     n_valid: NDArray[np.int64]
     accepted: NDArray[np.bool_]
+    similarity: NDArray[np.float64] | None = None
+    residual: NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         """Return the number of windows."""
@@ -184,6 +211,10 @@ class TiePoints:
             out[name] = [_json_float(v) for v in getattr(self, name)]
         out["n_valid"] = [int(v) for v in self.n_valid]
         out["accepted"] = [bool(v) for v in self.accepted]
+        for name in ("similarity", "residual"):
+            values = getattr(self, name)
+            if values is not None:
+                out[name] = [_json_float(v) for v in values]
         return out
 
 
@@ -221,6 +252,8 @@ class ShiftEstimate:
         consensus; NaN for ``"global"``.
     tie_points : TiePoints or None
         Per-window results when windows were measured.
+    shadows_masked : bool
+        True if the dark (cast-shadow) mode of both images was left out.
     """
 
     dy: float
@@ -233,6 +266,7 @@ class ShiftEstimate:
     n_outliers: int = 0
     rmse: float = math.nan
     tie_points: TiePoints | None = None
+    shadows_masked: bool = False
 
     @property
     def shift(self) -> tuple[float, float]:
@@ -262,6 +296,7 @@ class ShiftEstimate:
             "n_inliers": int(self.n_inliers),
             "n_outliers": int(self.n_outliers),
             "rmse": _json_float(self.rmse),
+            "shadows_masked": bool(self.shadows_masked),
         }
         if tie_points:
             out["tie_points"] = (
@@ -279,6 +314,7 @@ class _Window:
     peak_ratio: float
     n_valid: int
     consistent: bool
+    similarity: float = math.nan
 
 
 # ----------------------------------------------------------------------------
@@ -958,8 +994,12 @@ def _measure(
     coarse_cap: int | None,
     fine_cap: int | None,
     coarse_only: bool = False,
+    prior: tuple[int, int] | None = None,
 ) -> _Window | None:
     """Coarse-to-fine shift of the content of ``box`` (level-0 pixels).
+
+    With ``prior`` (an integer shift at ``start_level``), the first search
+    covers only ``prior +/- _MIN_EVAL_RADIUS`` instead of the whole range.
 
     NCC over the whole search range at ``start_level``, NCC within
     +/-``_REFINE_RADIUS`` at each finer level, then at level 0 the tapered
@@ -973,29 +1013,35 @@ def _measure(
     cbox = _level_box(box, level, ref.shape(level), coarse_cap)
     if cbox[2] < 8 or cbox[3] < 8:
         return None
-    limit = int(math.ceil(max_shift / 2**level))
-    radius = max(limit + 1, _MIN_EVAL_RADIUS)
-    shift, ratio = _search(ref, mov, level, cbox, (0, 0), radius, limit)
-    if ratio == 0.0:
-        return None
-    if coarse_only:
-        scale = 2**level
-        return _Window(shift[0] * scale, shift[1] * scale, ratio, 0, True)
     consistent = True
-    while level > 1:
-        level -= 1
-        shift = (2 * shift[0], 2 * shift[1])
-        fbox = _fine_box(box, level, shift, ref, mov, fine_cap)
-        new, _ = _search(ref, mov, level, fbox, shift, _REFINE_RADIUS, None)
-        if max(abs(new[0] - shift[0]), abs(new[1] - shift[1])) >= _REFINE_RADIUS:
-            consistent = False
-        shift = new
+    ratio = 0.0
+    if prior is not None:
+        # Search +/-_MIN_EVAL_RADIUS around the prior at level 0, in the same
+        # moving window as the sub-pixel step (features computed once).
+        level, shift, extra = 0, prior, _MIN_EVAL_RADIUS
+    else:
+        limit = int(math.ceil(max_shift / 2**level))
+        radius = max(limit + 1, _MIN_EVAL_RADIUS)
+        shift, ratio = _search(ref, mov, level, cbox, (0, 0), radius, limit)
+        if ratio == 0.0:
+            return None
+        if coarse_only:
+            scale = 2**level
+            return _Window(shift[0] * scale, shift[1] * scale, ratio, 0, True)
+        while level > 1:
+            level -= 1
+            shift = (2 * shift[0], 2 * shift[1])
+            fbox = _fine_box(box, level, shift, ref, mov, fine_cap)
+            new, _ = _search(ref, mov, level, fbox, shift, _REFINE_RADIUS, None)
+            if max(abs(new[0] - shift[0]), abs(new[1] - shift[1])) >= _REFINE_RADIUS:
+                consistent = False
+            shift = new
+        extra = _REFINE_RADIUS if level == 1 else 0
+        if level == 1:
+            shift = (2 * shift[0], 2 * shift[1])
     # Level 0: one moving window, wide enough for the last NCC refinement and
     # for resampling around its result.
     m = _RESAMPLE_MARGIN
-    extra = _REFINE_RADIUS if level == 1 else 0
-    if level == 1:
-        shift = (2 * shift[0], 2 * shift[1])
     r0, c0, h, w = _fine_box(box, 0, shift, ref, mov, fine_cap)
     f, wf = ref.window(0, r0, c0, h, w)
     margin = m + extra
@@ -1009,9 +1055,13 @@ def _measure(
     oy = ox = 0
     if extra:
         inner = slice(m, m + h + 2 * extra), slice(m, m + w + 2 * extra)
-        new, _ = _ncc_peak(f, wf, wide_g[inner], wide_wg[inner], shift, None)
+        new, local_ratio = _ncc_peak(f, wf, wide_g[inner], wide_wg[inner], shift, None)
         oy, ox = new[0] - shift[0], new[1] - shift[1]
-        if max(abs(oy), abs(ox)) >= _REFINE_RADIUS:
+        if prior is not None:
+            if local_ratio == 0.0:
+                return None
+            ratio = local_ratio
+        if max(abs(oy), abs(ox)) >= min(extra, _REFINE_RADIUS if prior is None else extra):
             consistent = False
         shift = new
     big = (
@@ -1021,19 +1071,25 @@ def _measure(
     big_g, big_wg = wide_g[big], wide_wg[big]
     g, wg = big_g[m : h + m, m : w + m], big_wg[m : h + m, m : w + m]
     sim = _similarity(f, wf, g, wg, _SIMILARITY_BLOCK)
+    ref_wf = wf
     wf, wg = wf * sim, wg * sim
     dy, dx, ok = _refine(f, wf, big_g, big_wg, sim, shift, upsample)
     if not ok:
         consistent = False
     n_valid = int(np.count_nonzero((wf > 0) & (wg > 0)))
-    if max(abs(dy), abs(dx)) > max_shift + 1.0:
+    if prior is None and max(abs(dy), abs(dx)) > max_shift + 1.0:
         consistent = False
+    # Share of the window that still matches once aligned (similarity-weighted).
+    both = ref_wf * (big_wg[m : h + m, m : w + m] > 0)
+    total = float(both.sum(dtype=np.float64))
+    similarity = float((sim * both).sum(dtype=np.float64)) / total if total > 0 else 0.0
     return _Window(
         dy=float(dy),
         dx=float(dx),
         peak_ratio=float(ratio),
         n_valid=n_valid,
         consistent=consistent,
+        similarity=similarity,
     )
 
 
@@ -1060,13 +1116,17 @@ def _refine(
     g, wg = big_g[m : h + m, m : w + m], big_wg[m : h + m, m : w + m] * sim
     ry, rx, ok = _subpixel(f, wf, g, wg, upsample)
     dy, dx = shift[0] + ry, shift[1] + rx
+    coef = None
     for _ in range(_RESAMPLE_ITERATIONS if ok else 0):
         fy, fx = dy - shift[0], dx - shift[1]
         if max(abs(fy), abs(fx)) > m - 2:
             return dy, dx, False
-        g = ndi.shift(big_g, (-fy, -fx), order=3, mode="nearest")[m : h + m, m : w + m]
+        if coef is None:
+            coef = ndi.spline_filter(big_g, order=3, mode="mirror", output=np.float32)
+        g = _spline_crop(coef, fy, fx, m, h, w)
         iy, ix = round(fy), round(fx)
         wg = big_wg[m + iy : h + m + iy, m + ix : w + m + ix] * sim
+        wg = wg * _robust_weights(f, g, wf * wg)
         ry, rx, ok = _subpixel(f, wf, g, wg, upsample)
         if not ok:
             break
@@ -1074,6 +1134,61 @@ def _refine(
         if max(abs(ry), abs(rx)) < 0.002:
             break
     return dy, dx, ok
+
+
+def _spline_crop(
+    coef: np.ndarray, fy: float, fx: float, m: int, h: int, w: int
+) -> np.ndarray:
+    """Cubic B-spline samples at ``(m + i + fy, m + j + fx)`` for an (h, w) window.
+
+    ``coef`` holds the spline coefficients (``ndi.spline_filter``) of a window
+    with a margin of ``m >= |shift| + 2`` pixels; two separable 4-tap passes,
+    the same values as ``ndi.shift(..., order=3)`` away from the margin.
+    """
+
+    def weights(t: float) -> tuple[float, float, float, float]:
+        return (
+            (1.0 - t) ** 3 / 6.0,
+            (4.0 - 6.0 * t * t + 3.0 * t**3) / 6.0,
+            (1.0 + 3.0 * t + 3.0 * t * t - 3.0 * t**3) / 6.0,
+            t**3 / 6.0,
+        )
+
+    by, bx = math.floor(fy), math.floor(fx)
+    wy, wx = weights(fy - by), weights(fx - bx)
+    r0, c0 = m + by - 1, m + bx - 1
+    rows = np.float32(wy[0]) * coef[r0 : r0 + h, c0 : c0 + w + 3]
+    for k in range(1, 4):
+        rows += np.float32(wy[k]) * coef[r0 + k : r0 + k + h, c0 : c0 + w + 3]
+    out = np.float32(wx[0]) * rows[:, 0:w]
+    for k in range(1, 4):
+        out += np.float32(wx[k]) * rows[:, k : k + w]
+    return out
+
+
+def _robust_weights(f: np.ndarray, g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Tukey biweight of the residual of two aligned windows (M-estimation weights).
+
+    The moving features are matched to the reference ones by a least-squares
+    gain over the weighted pixels; pixels whose residual exceeds 4.685 robust
+    standard deviations (1.4826 x the weighted median absolute residual) get
+    weight 0, the others ``(1 - u**2)**2``. Content that moved on its own
+    between the dates (edges of cast shadows, vehicles, leaning walls) leaves
+    large residuals once the rest is aligned, and drops out of the estimate.
+    """
+    sel = w > 0
+    if np.count_nonzero(sel) < 16:
+        return np.ones_like(f)
+    fs, gs = f[sel].astype(np.float64), g[sel].astype(np.float64)
+    ws = w[sel].astype(np.float64)
+    denom = float((ws * fs * fs).sum())
+    gain = float((ws * fs * gs).sum()) / denom if denom > 0 else 1.0
+    resid = np.abs(g - np.float32(gain) * f)
+    scale = 1.4826 * float(np.median(resid[sel]))
+    if not scale > 0:
+        return np.ones_like(f)
+    u = resid / np.float32(_TUKEY_C * scale)
+    return np.where(u < 1.0, (1.0 - u * u) ** 2, 0.0).astype(np.float32)
 
 
 def _fine_box(
@@ -1175,6 +1290,7 @@ class _Setup:
     min_peak_ratio: float
     min_vote_ratio: float
     tile: int
+    shadows_masked: bool = False
 
 
 def _setup(
@@ -1192,8 +1308,14 @@ def _setup(
     texture_threshold: float,
     tile: int | None,
     use_tiles: bool,
+    shadows: bool | None = False,
 ) -> _Setup:
-    """Check the inputs, resolve the default tile size and build both pyramids."""
+    """Check the inputs, resolve the default tile size and build both pyramids.
+
+    With ``shadows`` (True, or None and both images have a distinct dark
+    mode, see :func:`_dark_threshold`), the dark class of each image is
+    treated as no-data.
+    """
     ref = _check_image(reference, "reference")
     mov = _check_image(moving, "moving")
     if ref.shape[-2:] != mov.shape[-2:]:
@@ -1217,6 +1339,15 @@ def _setup(
         raise ValueError("reference_valid leaves no valid pixel in reference")
     if not mov_mask.any():
         raise ValueError("moving_valid leaves no valid pixel in moving")
+    masked = False
+    if shadows is None or shadows:
+        t_ref = _dark_threshold(ref_lum, ref_mask, strict=shadows is None)
+        t_mov = _dark_threshold(mov_lum, mov_mask, strict=shadows is None)
+        if t_ref is not None and t_mov is not None:
+            dark_ref = ref_mask & ~ndi.binary_dilation(ref_lum < t_ref)
+            dark_mov = mov_mask & ~ndi.binary_dilation(mov_lum < t_mov)
+            if dark_ref.any() and dark_mov.any():
+                ref_mask, mov_mask, masked = dark_ref, dark_mov, True
     levels = _n_levels(min(shape), max_shift, _MIN_LEVEL_SIZE)
     if tile is None:
         tile = _DEFAULT_TILE_LARGE if min(shape) >= 1024 else _DEFAULT_TILE_SMALL
@@ -1233,7 +1364,59 @@ def _setup(
         min_peak_ratio=min_peak_ratio,
         min_vote_ratio=min_vote_ratio,
         tile=tile,
+        shadows_masked=masked,
     )
+
+
+def _dark_threshold(
+    lum: np.ndarray, mask: np.ndarray, *, strict: bool = True
+) -> float | None:
+    """Upper bound of the dark (cast-shadow) mode of the luminance histogram.
+
+    The histogram of the valid pixels (64 bins between the 0.5th and 99.5th
+    percentiles, smoothed by a Gaussian of 1.5 bins) is split by Otsu's
+    threshold. With ``strict``, a dark mode is reported only if it is distinct
+    and a minority: a peak below the threshold and one above it, separated by
+    a valley lower than half of the smaller peak, with fewer than half of the
+    pixels on the dark side. Returns Otsu's threshold, or None.
+
+    Cast shadows in very-high-resolution imagery form such a mode, and they
+    move with the sun between the dates: their edges, which are a large part
+    of all the edges of a built-up scene, would bias the estimate toward the
+    shadows' displacement.
+    """
+    values = lum[mask]
+    if values.size < 256:
+        return None
+    if values.size > 1 << 18:
+        values = values[:: values.size // (1 << 18)]
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if not hi > lo:
+        return None
+    hist, edges = np.histogram(values, 64, (lo, hi))
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 1.5)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    # Otsu on the smoothed histogram.
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * centres)
+    total, mean = w0[-1], m0[-1] / w0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean * w0 - m0) ** 2 / (w0 * (total - w0))
+    between = np.nan_to_num(between[:-1], nan=0.0, posinf=0.0)
+    split = int(np.argmax(between)) + 1
+    if not strict:
+        return float(edges[split])
+    dark_peak = int(np.argmax(hist[:split]))
+    bright_peak = split + int(np.argmax(hist[split:]))
+    valley = dark_peak + int(np.argmin(hist[dark_peak : bright_peak + 1]))
+    if not dark_peak < valley < bright_peak:
+        return None
+    if hist[valley] >= 0.5 * min(hist[dark_peak], hist[bright_peak]):
+        return None
+    threshold = float(edges[split])
+    if float(np.mean(values < threshold)) >= 0.5:
+        return None
+    return threshold
 
 
 def _global(setup: _Setup, window: int, *, coarse_only: bool = False) -> ShiftEstimate:
@@ -1354,6 +1537,7 @@ def estimate_shift(
     sigma_low: float = 1.0,
     sigma_high: float = 4.0,
     texture_threshold: float = 0.25,
+    shadows: bool | None = False,
 ) -> ShiftEstimate:
     """Estimate the translation of ``moving`` relative to ``reference``.
 
@@ -1384,6 +1568,14 @@ def estimate_shift(
     sigma_low, sigma_high, texture_threshold : float, optional
         Band-pass and texture settings, see :func:`prepare`. They apply at every
         pyramid level, in that level's pixels.
+    shadows : bool or None, optional
+        Leave out the dark (cast-shadow) mode of each image's luminance
+        histogram: cast shadows move with the sun between the dates and bias
+        the estimate in built-up scenes. None (default): only when both images
+        have a distinct dark mode holding less than half of their pixels, and
+        only if the estimate without them is reliable (otherwise every pixel
+        is used). True: always split the histogram (Otsu) and leave out the
+        dark side. False: use every pixel.
 
     Returns
     -------
@@ -1421,8 +1613,9 @@ def estimate_shift(
     changed areas drop out, and the peak of their tapered, band-passed
     cross-correlation without phase normalisation is located with the
     upsampled DFT [1]_. The moving window is then resampled (cubic spline)
-    onto the estimate and the residual measured again, up to three times,
-    which removes the bias a fixed taper causes. The taper is a Tukey window
+    onto the estimate and the residual measured again, up to four times
+    (pixels whose residual is an outlier are down-weighted by a Tukey
+    biweight), which removes the bias a fixed taper causes. The taper is a Tukey window
     with Hann flanks over the outer 12.5 % of each side rather than a full
     Hann window: in a mostly changed scene the stable content may lie near the
     window edges, where a full Hann window leaves almost no weight.
@@ -1455,21 +1648,50 @@ def estimate_shift(
     max_tiles = _check_int(max_tiles, "max_tiles", 1)
     min_inliers = _check_int(min_inliers, "min_inliers", 1)
     window = _check_int(window, "window", _MIN_WINDOW)
-    setup = _setup(
-        reference,
-        moving,
-        reference_valid,
-        moving_valid,
-        max_shift=max_shift,
-        upsample_factor=upsample_factor,
-        min_peak_ratio=min_peak_ratio,
-        min_vote_ratio=min_vote_ratio,
-        sigma_low=sigma_low,
-        sigma_high=sigma_high,
-        texture_threshold=texture_threshold,
-        tile=tile,
-        use_tiles=consensus,
-    )
+    if shadows not in (None, True, False):
+        raise ValueError(f"shadows must be None, True or False, got {shadows!r}")
+    args = (reference, moving, reference_valid, moving_valid)
+    kwargs: dict[str, Any] = {
+        "max_shift": max_shift,
+        "upsample_factor": upsample_factor,
+        "min_peak_ratio": min_peak_ratio,
+        "min_vote_ratio": min_vote_ratio,
+        "sigma_low": sigma_low,
+        "sigma_high": sigma_high,
+        "texture_threshold": texture_threshold,
+        "tile": tile,
+        "use_tiles": consensus,
+    }
+    setup = _setup(*args, **kwargs, shadows=shadows)
+    est = _estimate(setup, consensus, step, max_tiles, min_inliers, window)
+    if shadows is None and setup.shadows_masked and not est.reliable:
+        # The shadow-free estimate could not be confirmed: use every pixel.
+        setup = _setup(*args, **kwargs, shadows=False)
+        est = _estimate(setup, consensus, step, max_tiles, min_inliers, window)
+    return est
+
+
+def _estimate(
+    setup: _Setup,
+    consensus: bool,
+    step: int | None,
+    max_tiles: int,
+    min_inliers: int,
+    window: int,
+) -> ShiftEstimate:
+    """The body of :func:`estimate_shift` on a prepared setup."""
+    est = _estimate_raw(setup, consensus, step, max_tiles, min_inliers, window)
+    return replace(est, shadows_masked=setup.shadows_masked)
+
+
+def _estimate_raw(
+    setup: _Setup,
+    consensus: bool,
+    step: int | None,
+    max_tiles: int,
+    min_inliers: int,
+    window: int,
+) -> ShiftEstimate:
     n_boxes = len(_tile_boxes(setup.shape, setup.tile, step or setup.tile, max_tiles))
     if not consensus or n_boxes < 4:
         return _global(setup, window)
@@ -1606,6 +1828,835 @@ def estimate_shift_tiles(
         use_tiles=True,
     )
     return _tiles(setup, step, max_tiles, min_inliers)
+
+
+# ----------------------------------------------------------------------------
+# Geometric models: translation, affine, smooth displacement field
+# ----------------------------------------------------------------------------
+
+#: Models :func:`register` can fit, from the simplest to the richest.
+MODELS = ("translation", "affine", "field")
+# Fewest inlier tie points that support each model. An affine transform is
+# fixed by any 3 points, so 8 asks for 5 independent confirmations; the field
+# needs enough points for a 10-fold cross-validation to hold out whole areas.
+_MIN_SUPPORT = {"translation": 3, "affine": 8, "field": 16}
+# Normalised median test of Westerweel and Scarano (2005): neighbours,
+# threshold and noise floor (px).
+_NMT_NEIGHBOURS = 8
+_NMT_THRESHOLD = 2.0
+_NMT_EPS = 0.1
+# Affine RANSAC hypotheses (random minimal samples, fixed seed).
+_RANSAC_SAMPLES = 500
+# Model selection: folds of the cross-validation; a richer model is used only
+# if it cuts the held-out mean squared error by at least _SELECT_GAIN and a
+# one-sided Wilcoxon signed-rank test on the paired errors gives p < _SELECT_P.
+_CV_FOLDS = 10
+_SELECT_GAIN = 0.1
+_SELECT_P = 0.01
+# Smoothing of the thin-plate spline field (coordinates in tie-point spacings),
+# chosen by cross-validation among these values.
+_FIELD_SMOOTHING = (0.01, 0.1, 1.0, 10.0)
+# Dense tie points: largest number of windows; default window side from the
+# image size (about an eighth of the short side, 64 to 128 pixels).
+_DENSE_MAX_POINTS = 144
+_DENSE_WINDOW_MIN = 64
+_DENSE_WINDOW_MAX = 128
+# Images larger than this (short side, pixels) get their global estimate on a
+# 2x2-block-mean pyramid level: the dense tie points restore full resolution.
+_GLOBAL_MAX_SIDE = 1024
+
+
+class _Field:
+    """Thin-plate spline of a displacement residual, in scaled coordinates."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+                 smoothing: float, scale: float) -> None:
+        from scipy.interpolate import RBFInterpolator
+
+        self.scale = float(scale)
+        self.smoothing = float(smoothing)
+        points = np.column_stack([rows, cols]) / self.scale
+        self._rbf = RBFInterpolator(
+            points, values, kernel="thin_plate_spline", degree=1, smoothing=smoothing
+        )
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        points = np.column_stack([np.ravel(rows), np.ravel(cols)]) / self.scale
+        out = np.empty((points.shape[0], 2))
+        step = 65536
+        for i in range(0, points.shape[0], step):
+            out[i : i + step] = self._rbf(points[i : i + step])
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class GeometricModel:
+    """Where each reference pixel's content lies in the moving image.
+
+    ``moving[source_coordinates(r, c)] ~= reference[r, c]`` for reference pixel
+    coordinates ``(r, c)`` (row, col; pixel centres at integers). For a
+    translation ``(dy, dx)`` the source is ``(r + dy, c + dx)``, as for
+    :func:`estimate_shift`.
+
+    Attributes
+    ----------
+    kind : str
+        ``"none"`` (identity), ``"translation"``, ``"affine"`` or ``"field"``.
+    matrix : (2, 3) ndarray of float64
+        Linear part: ``[r', c'] = matrix @ [r, c, 1]``. For ``"field"``, the
+        least-squares affine part; the field adds a smooth residual to it.
+    """
+
+    kind: str
+    matrix: NDArray[np.float64]
+    field: _Field | None = None
+
+    @classmethod
+    def identity(cls) -> GeometricModel:
+        """The model that leaves every pixel where it is."""
+        return cls("none", np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+
+    @classmethod
+    def translation(cls, dy: float, dx: float) -> GeometricModel:
+        """A translation by ``(dy, dx)`` pixels."""
+        return cls("translation", np.array([[1.0, 0.0, dy], [0.0, 1.0, dx]]))
+
+    @property
+    def is_linear(self) -> bool:
+        """True if the model is the affine ``matrix`` alone."""
+        return self.field is None
+
+    def source_coordinates(
+        self, rows: ArrayLike, cols: ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Moving-image (row, col) coordinates of reference coordinates.
+
+        Parameters
+        ----------
+        rows, cols : array_like
+            Reference pixel coordinates (broadcast together).
+
+        Returns
+        -------
+        rows, cols : ndarray of float64
+            Where that content lies in the moving image.
+        """
+        r, c = np.broadcast_arrays(
+            np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+        )
+        m = self.matrix
+        out_r = m[0, 0] * r + m[0, 1] * c + m[0, 2]
+        out_c = m[1, 0] * r + m[1, 1] * c + m[1, 2]
+        if self.field is not None:
+            d = self.field(r, c)
+            out_r = out_r + d[:, 0].reshape(r.shape)
+            out_c = out_c + d[:, 1].reshape(r.shape)
+        return out_r, out_c
+
+    def displacement(
+        self, rows: ArrayLike, cols: ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Shift ``(dy, dx)`` of the content at reference coordinates ``(rows, cols)``."""
+        r, c = np.broadcast_arrays(
+            np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+        )
+        out_r, out_c = self.source_coordinates(r, c)
+        return out_r - r, out_c - c
+
+    def parameters(self, shape: tuple[int, int]) -> dict[str, Any]:
+        """Readable parameters; shifts are given at the centre of a ``shape`` image."""
+        rc, cc = (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
+        dy, dx = (float(v) for v in self.displacement(rc, cc))
+        out: dict[str, Any] = {
+            "matrix": [[float(v) for v in row] for row in self.matrix],
+            "shift_at_centre_px": {"dy": dy, "dx": dx},
+        }
+        # Linear part in (x = col, y = row) axes.
+        lin = np.array(
+            [[self.matrix[1, 1], self.matrix[1, 0]], [self.matrix[0, 1], self.matrix[0, 0]]]
+        )
+        out["rotation_deg"] = math.degrees(
+            math.atan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1])
+        )
+        out["scale"] = math.sqrt(abs(float(np.linalg.det(lin))))
+        out["scale_x"] = float(np.hypot(lin[0, 0], lin[1, 0]))
+        out["scale_y"] = float(np.hypot(lin[0, 1], lin[1, 1]))
+        if self.field is not None:
+            out["field_smoothing"] = self.field.smoothing
+            out["field_control_points"] = int(self.field._rbf.y.shape[0])
+            rows = np.linspace(0, shape[0] - 1, 33)
+            cols = np.linspace(0, shape[1] - 1, 33)
+            r, c = np.meshgrid(rows, cols, indexing="ij")
+            d = self.field(r, c)
+            out["field_max_px"] = float(np.hypot(d[:, 0], d[:, 1]).max())
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Registration:
+    """Result of :func:`register`.
+
+    Attributes
+    ----------
+    model : GeometricModel
+        The model to apply (identity when nothing reliable was found).
+    reliable : bool
+        True if the model is supported by enough agreeing tie points and its
+        held-out residual is at most 1 pixel (see :func:`register`).
+    rmse : float
+        Cross-validated (held-out) residual of the chosen model at the inlier
+        tie points, in pixels: the expected misalignment at a point the model
+        was not fitted to. NaN when no tie point supports the model.
+    fit_rmse : float
+        Residual of the chosen model at its inlier tie points (pixels).
+    shift : ShiftEstimate
+        The global translation estimate (coarse-to-fine, window consensus).
+    tie_points : TiePoints or None
+        The dense tie points (``accepted``: inliers; ``residual``: distance
+        from the chosen model).
+    candidates : dict
+        Per candidate model: ``cv_rmse`` (px), ``n_params`` and whether it
+        had enough support.
+    notes : tuple of str
+        Why a simpler model than asked, or the identity, was used.
+    """
+
+    model: GeometricModel
+    reliable: bool
+    rmse: float
+    fit_rmse: float
+    shift: ShiftEstimate
+    tie_points: TiePoints | None
+    candidates: dict[str, dict[str, Any]]
+    notes: tuple[str, ...] = ()
+    window: int = 0
+    spacing: int = 0
+
+    @property
+    def n_used(self) -> int:
+        """Tie points the model was fitted to."""
+        return 0 if self.tie_points is None else int(self.tie_points.accepted.sum())
+
+    @property
+    def n_rejected(self) -> int:
+        """Tie points measured but not used."""
+        return 0 if self.tie_points is None else len(self.tie_points) - self.n_used
+
+    def as_dict(self, shape: tuple[int, int]) -> dict[str, Any]:
+        """JSON-serialisable summary (NaN becomes None); ``shape`` of the images."""
+        return {
+            "model": self.model.kind,
+            "parameters": self.model.parameters(shape),
+            "reliable": bool(self.reliable),
+            "residual_rmse_px": _json_float(self.rmse),
+            "fit_rmse_px": _json_float(self.fit_rmse),
+            "tie_points_used": self.n_used,
+            "tie_points_rejected": self.n_rejected,
+            "tie_window_px": int(self.window),
+            "tie_spacing_px": int(self.spacing),
+            "candidates": {
+                k: {kk: (_json_float(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                for k, v in self.candidates.items()
+            },
+            "notes": list(self.notes),
+            "global": self.shift.as_dict(),
+        }
+
+
+def _affine_design(rows: np.ndarray, cols: np.ndarray, centre: tuple[float, float],
+                   scale: float) -> np.ndarray:
+    return np.column_stack(
+        [np.ones_like(rows), (rows - centre[0]) / scale, (cols - centre[1]) / scale]
+    )
+
+
+def _fit_model(
+    kind: str,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    *,
+    scale: float,
+    smoothing: float = 1.0,
+) -> GeometricModel:
+    """Least-squares fit of one model to tie points (all given points used)."""
+    if kind == "translation":
+        return GeometricModel.translation(float(dy.mean()), float(dx.mean()))
+    centre = (float(rows.mean()), float(cols.mean()))
+    design = _affine_design(rows, cols, centre, scale)
+    coef, *_ = np.linalg.lstsq(design, np.column_stack([dy, dx]), rcond=None)
+    # Back to pixel coordinates: d = a0 + a1 (r - r0) / s + a2 (c - c0) / s.
+    matrix = np.zeros((2, 3))
+    for k in range(2):
+        a0, a1, a2 = coef[:, k]
+        matrix[k] = [a1 / scale, a2 / scale, a0 - (a1 * centre[0] + a2 * centre[1]) / scale]
+    matrix[0, 0] += 1.0
+    matrix[1, 1] += 1.0
+    if kind == "affine":
+        return GeometricModel("affine", matrix)
+    base = GeometricModel("affine", matrix)
+    ry, rx = base.displacement(rows, cols)
+    field = _Field(rows, cols, np.column_stack([dy - ry, dx - rx]), smoothing, scale)
+    return GeometricModel("field", matrix, field)
+
+
+def _cv_errors(
+    kind: str,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    folds: np.ndarray,
+    *,
+    scale: float,
+    smoothing: float = 1.0,
+) -> np.ndarray:
+    """Squared held-out errors (px^2) of one model, fold by fold."""
+    err = np.empty(rows.shape[0])
+    for k in np.unique(folds):
+        test = folds == k
+        train = ~test
+        model = _fit_model(
+            kind, rows[train], cols[train], dy[train], dx[train],
+            scale=scale, smoothing=smoothing,
+        )
+        py, px = model.displacement(rows[test], cols[test])
+        err[test] = (py - dy[test]) ** 2 + (px - dx[test]) ** 2
+    return err
+
+
+def _spatial_folds(
+    rows: np.ndarray, cols: np.ndarray, block: float, n_folds: int
+) -> np.ndarray:
+    """Cross-validation folds made of whole square blocks of side ``block``.
+
+    Neighbouring tie points share content and local biases; holding out
+    whole blocks keeps the held-out error honest for the smooth field. Blocks
+    are dealt to folds in a fixed random order; with fewer blocks than folds,
+    each point is its own block.
+    """
+    key = np.floor(rows / block) * 1e6 + np.floor(cols / block)
+    blocks, inverse = np.unique(key, return_inverse=True)
+    n_blocks = int(blocks.size)
+    if n_blocks < n_folds:
+        inverse = np.arange(rows.shape[0], dtype=inverse.dtype)
+        n_blocks = int(rows.shape[0])
+    order = np.random.default_rng(20050101).permutation(n_blocks)
+    return np.asarray((order % n_folds)[inverse])
+
+
+def _richer_is_better(rich: np.ndarray, simple: np.ndarray) -> bool:
+    """True if ``rich`` squared errors are significantly below ``simple`` ones."""
+    if not float(rich.mean()) <= (1.0 - _SELECT_GAIN) * float(simple.mean()):
+        return False
+    return _wilcoxon_greater(simple - rich) < _SELECT_P
+
+
+def _wilcoxon_greater(diff: np.ndarray) -> float:
+    """One-sided p-value of the Wilcoxon signed-rank test that ``diff`` is positive.
+
+    Normal approximation with tie correction (zero differences dropped); 1.0
+    for fewer than 6 non-zero differences, too few for the test to reach 1 %.
+    """
+    d = diff[diff != 0]
+    n = d.size
+    if n < 6:
+        return 1.0
+    a = np.abs(d)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(n)
+    sorted_a = a[order]
+    # Average ranks of ties.
+    _, first, counts = np.unique(sorted_a, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    w_plus = float(ranks[d > 0].sum())
+    mean = n * (n + 1) / 4.0
+    var = n * (n + 1) * (2 * n + 1) / 24.0 - float((counts**3 - counts).sum()) / 48.0
+    if var <= 0:
+        return 1.0
+    z = (w_plus - mean) / math.sqrt(var)
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def _ransac_affine(
+    rows: np.ndarray, cols: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+    tol: float, scale: float,
+) -> np.ndarray:
+    """Inliers of the affine hypothesis (from random 3-point samples) with most support."""
+    n = rows.shape[0]
+    if n < 3:
+        return np.zeros(n, bool)
+    rng = np.random.default_rng(20080101)
+    centre = (float(rows.mean()), float(cols.mean()))
+    design = _affine_design(rows, cols, centre, scale)
+    target = np.column_stack([dy, dx])
+    samples = np.array([rng.choice(n, 3, replace=False) for _ in range(_RANSAC_SAMPLES)])
+    a = design[samples]  # (S, 3, 3)
+    det = np.linalg.det(a)
+    good = np.abs(det) > 1e-3
+    if not good.any():
+        return np.zeros(n, bool)
+    coef = np.linalg.solve(a[good], target[samples[good]])  # (S, 3, 2)
+    pred = np.einsum("nj,sjk->snk", design, coef)
+    dist = np.hypot(*(pred - target[None]).transpose(2, 0, 1))
+    count = (dist <= tol).sum(axis=1)
+    best = dist[int(np.argmax(count))] <= tol
+    for _ in range(3):
+        if best.sum() < 3:
+            break
+        coef, *_ = np.linalg.lstsq(design[best], target[best], rcond=None)
+        new = np.hypot(*(design @ coef - target).T) <= tol
+        if new.sum() < best.sum():
+            break
+        best = new
+    return best
+
+
+def _local_inliers(
+    rows: np.ndarray, cols: np.ndarray, ry: np.ndarray, rx: np.ndarray, tol: float
+) -> np.ndarray:
+    """Inliers among points with residuals ``(ry, rx)`` from a global model.
+
+    Where a point's neighbours agree among themselves (their median absolute
+    deviation from their median residual is at most ``2 tol``), the point is an
+    inlier if it passes the normalised median test [4]_; elsewhere, if its
+    residual is at most ``tol``.
+    """
+    from scipy.spatial import cKDTree
+
+    n = rows.shape[0]
+    small = np.hypot(ry, rx) <= tol
+    if n < 4:
+        return small
+    k = min(_NMT_NEIGHBOURS, n - 1)
+    _, idx = cKDTree(np.column_stack([rows, cols])).query(
+        np.column_stack([rows, cols]), k=k + 1
+    )
+    nb = idx[:, 1:]
+    my, mx = np.median(ry[nb], axis=1), np.median(rx[nb], axis=1)
+    spread = np.median(np.hypot(ry[nb] - my[:, None], rx[nb] - mx[:, None]), axis=1)
+    # A smooth distortion changes by well under a pixel per tie-point spacing:
+    # a neighbourhood spread over more than 2 tolerances is not a field.
+    coherent = spread <= 2.0 * tol
+    norm = np.hypot(ry - my, rx - mx) / (spread + _NMT_EPS)
+    return np.where(coherent, norm <= _NMT_THRESHOLD, small)
+
+
+def _dense_boxes(
+    shape: tuple[int, int], window: int | None, spacing: int | None, max_points: int
+) -> tuple[list[tuple[int, int, int, int]], int, int]:
+    """Windows of the dense tie-point grid and the window side and spacing used."""
+    if window is None:
+        window = int(2 ** round(math.log2(max(min(shape) / 8.0, 1.0))))
+        window = min(max(window, _DENSE_WINDOW_MIN), _DENSE_WINDOW_MAX)
+    window = min(window, *shape)
+    if spacing is None:
+        spacing = window
+        # As dense as max_points allows.
+        area = (max(shape[0] - window, 0) + spacing) * (max(shape[1] - window, 0) + spacing)
+        spacing = max(spacing, int(math.ceil(math.sqrt(area / max_points))))
+    boxes = _tile_boxes(shape, window, spacing, max_points)
+    return boxes, window, spacing
+
+
+def _dense_tie_points(
+    setup: _Setup, prior: GeometricModel, boxes: list[tuple[int, int, int, int]]
+) -> TiePoints:
+    """Measure each window around the shift the prior model predicts there."""
+    rows: list[tuple[float, ...]] = []
+    valid_ref = setup.ref.levels[0][1]
+    for box in boxes:
+        r0, c0, h, w = box
+        if float(valid_ref[r0 : r0 + h, c0 : c0 + w].mean()) < _MIN_WINDOW_VALID:
+            continue
+        rc, cc = r0 + (h - 1) / 2.0, c0 + (w - 1) / 2.0
+        py, px = (float(v) for v in prior.displacement(rc, cc))
+        res = _measure(
+            setup.ref,
+            setup.mov,
+            box,
+            start_level=0,
+            max_shift=setup.max_shift,
+            upsample=setup.upsample,
+            coarse_cap=None,
+            fine_cap=None,
+            prior=(round(py), round(px)),
+        )
+        if res is None:
+            continue
+        rows.append(
+            (rc, cc, res.dy, res.dx, res.peak_ratio, res.n_valid,
+             float(res.consistent), res.similarity)
+        )
+    table = np.array(rows, np.float64).reshape(-1, 8)
+    return TiePoints(
+        row=table[:, 0].copy(),
+        col=table[:, 1].copy(),
+        dy=table[:, 2].copy(),
+        dx=table[:, 3].copy(),
+        peak_ratio=table[:, 4].copy(),
+        n_valid=table[:, 5].astype(np.int64),
+        accepted=table[:, 6] > 0,  # provisional: consistent windows
+        similarity=table[:, 7].copy(),
+    )
+
+
+def _prior_model(est: ShiftEstimate, min_vote_ratio: float) -> GeometricModel:
+    """Translation of the global estimate, or an affine model of its windows."""
+    base = GeometricModel.translation(est.dy, est.dx)
+    tp = est.tie_points
+    if tp is None or len(tp) < _MIN_SUPPORT["affine"] - 2:
+        return base
+    usable = (tp.peak_ratio >= min_vote_ratio) & np.isfinite(tp.dy)
+    if usable.sum() < 6:
+        return base
+    r, c, dy, dx = tp.row[usable], tp.col[usable], tp.dy[usable], tp.dx[usable]
+    scale = max(float(np.ptp(r)), float(np.ptp(c)), 1.0)
+    inl = _ransac_affine(r, c, dy, dx, _RANSAC_TOL, scale)
+    if inl.sum() < 6:
+        return base
+    return _fit_model("affine", r[inl], c[inl], dy[inl], dx[inl], scale=scale)
+
+
+def register(
+    reference: ArrayLike,
+    moving: ArrayLike,
+    *,
+    reference_valid: ArrayLike | None = None,
+    moving_valid: ArrayLike | None = None,
+    model: str = "auto",
+    max_shift: float = 64,
+    upsample_factor: int = 20,
+    window: int | None = None,
+    spacing: int | None = None,
+    max_points: int = _DENSE_MAX_POINTS,
+    min_vote_ratio: float = 1.2,
+    shadows: bool | None = None,
+) -> Registration:
+    """Fit the geometric model that maps ``reference`` onto ``moving``.
+
+    Parameters
+    ----------
+    reference, moving : (M, N) or (B, M, N) array_like
+        Before and after images on the same pixel grid (see
+        :func:`estimate_shift`).
+    reference_valid, moving_valid : array_like of bool, optional
+        True on valid pixels. Default: every finite pixel.
+    model : {"auto", "translation", "affine", "field"}, optional
+        ``"auto"`` chooses among the three by cross-validation; a named model
+        is the richest one allowed (a simpler one is used when the tie points
+        cannot support it).
+    max_shift : float, optional
+        Largest shift searched by the global estimate, per axis, in pixels.
+    upsample_factor : int, optional
+        Sub-pixel grid of each estimate, ``1 / upsample_factor`` pixel.
+    window, spacing : int, optional
+        Side and spacing (pixels) of the dense tie-point windows. Default:
+        a power of two near an eighth of the short side (64 to 128 pixels),
+        side by side (no overlap: independent measurements), or wider apart
+        to keep at most ``max_points``.
+    max_points : int, optional
+        Largest number of dense tie points.
+    min_vote_ratio : float, optional
+        Smallest peak ratio of a usable tie point.
+    shadows : bool or None, optional
+        Leave out cast shadows, see :func:`estimate_shift`.
+
+    Returns
+    -------
+    Registration
+        The model, its reliability and residual, the global estimate and the
+        tie points.
+
+    Raises
+    ------
+    ValueError
+        As :func:`estimate_shift`, or if ``model`` is unknown.
+
+    Notes
+    -----
+    1. The global translation is estimated with :func:`estimate_shift`; an
+       affine model fitted by RANSAC to its (independently searched) windows,
+       when they support one, or the translation is the prior.
+    2. A dense grid of windows is measured, each searched within +/-6 pixels
+       of the shift the prior predicts at its centre, with the same sub-pixel
+       estimator.
+    3. Tie points with a peak ratio below ``min_vote_ratio`` or an
+       inconsistent coarse-to-fine search are dropped. An affine RANSAC gives
+       the global trend; a point is an inlier if it passes the normalised
+       median test of Westerweel and Scarano [4]_ among its 8 nearest
+       neighbours (when these agree among themselves within 2 pixels), or
+       else if it lies within 1 pixel of the trend.
+    4. Translation, affine and a thin-plate-spline displacement field are
+       compared by 10-fold cross-validation on the inliers (folds made of
+       whole blocks of 2 x 2 tie-point spacings). The richer model
+       is chosen only if its held-out mean squared error is at least 10 %
+       lower and a one-sided Wilcoxon signed-rank test on the paired errors
+       gives p < 0.01. A model needs at least 3, 8 and 16 inliers
+       respectively. The field's smoothing is chosen by the same
+       cross-validation.
+    5. The result is reliable if the chosen model has that support, its
+       held-out RMSE is at most 1 pixel and, for a translation, the global
+       estimate is reliable and agrees (or, when the global estimate is not
+       reliable, at least 8 tie points agree). Otherwise the simpler supported
+       model, or the identity, is returned with ``reliable=False`` and a note.
+
+    When the global estimate is not reliable, the dense tie points are also
+    searched around the identity (the georeferencing as given), and the
+    search with more inliers is kept.
+
+    References
+    ----------
+    .. [4] J. Westerweel and F. Scarano, "Universal outlier detection for PIV
+           data," Experiments in Fluids 39, 1096-1100 (2005).
+           :doi:`10.1007/s00348-005-0016-6`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import ndimage as ndi
+    >>> rng = np.random.default_rng(0)
+    >>> ref = ndi.gaussian_filter(rng.standard_normal((256, 256)), 2.0)
+    >>> mov = ndi.shift(ref, (3.0, -5.0), order=3, mode="nearest")
+    >>> reg = register(ref, mov, max_shift=16)
+    >>> reg.model.kind, [round(float(v), 2) for v in reg.model.displacement(128, 128)]
+    ('translation', [3.0, -5.0])
+    """
+    if model != "auto" and model not in MODELS:
+        raise ValueError(f"model must be 'auto' or one of {MODELS}, got {model!r}")
+    max_points = _check_int(max_points, "max_points", 1)
+    if window is not None:
+        window = _check_int(window, "window", _MIN_WINDOW)
+    if spacing is not None:
+        spacing = _check_int(spacing, "spacing", 1)
+    if shadows not in (None, True, False):
+        raise ValueError(f"shadows must be None, True or False, got {shadows!r}")
+    args = (reference, moving, reference_valid, moving_valid)
+    kwargs: dict[str, Any] = {
+        "max_shift": max_shift,
+        "upsample_factor": upsample_factor,
+        "min_peak_ratio": 1.5,
+        "min_vote_ratio": min_vote_ratio,
+        "sigma_low": 1.0,
+        "sigma_high": 4.0,
+        "texture_threshold": 0.25,
+        "tile": None,
+        "use_tiles": True,
+    }
+    setup = _setup(*args, **kwargs, shadows=shadows)
+    est = _global_estimate(setup)
+    if shadows is None and setup.shadows_masked and not est.reliable:
+        setup = _setup(*args, **kwargs, shadows=False)
+        est = _global_estimate(setup)
+    return _register(setup, est, model, window, spacing, max_points)
+
+
+def _global_estimate(setup: _Setup) -> ShiftEstimate:
+    """:func:`estimate_shift` on the setup, at a coarser level for large images."""
+    level = 0
+    while min(setup.ref.shape(level)) > _GLOBAL_MAX_SIDE and level + 1 < len(setup.ref.levels):
+        level += 1
+    if level == 0:
+        return _estimate(setup, True, None, 64, 3, 512)
+    scale = 2**level
+    (rl, rm), (ml, mm) = setup.ref.levels[level], setup.mov.levels[level]
+    sub = _setup(
+        rl, ml, rm, mm,
+        max_shift=setup.max_shift / scale,
+        upsample_factor=setup.upsample,
+        min_peak_ratio=setup.min_peak_ratio,
+        min_vote_ratio=setup.min_vote_ratio,
+        sigma_low=setup.ref.sigmas[0],
+        sigma_high=setup.ref.sigmas[1],
+        texture_threshold=setup.ref.sigmas[2],
+        tile=None,
+        use_tiles=True,
+        shadows=False,
+    )
+    est = _estimate(sub, True, None, 64, 3, 512)
+    offset = (scale - 1) / 2.0
+    tp = est.tie_points
+    if tp is not None:
+        tp = replace(tp, row=tp.row * scale + offset, col=tp.col * scale + offset,
+                     dy=tp.dy * scale, dx=tp.dx * scale)
+    return replace(
+        est, dy=est.dy * scale, dx=est.dx * scale, rmse=est.rmse * scale, tie_points=tp,
+        shadows_masked=setup.shadows_masked,
+    )
+
+
+def _dense_inliers(
+    setup: _Setup, prior: GeometricModel, boxes: list[tuple[int, int, int, int]], scale: float
+) -> tuple[TiePoints, np.ndarray, np.ndarray]:
+    """Dense tie points around ``prior``, the usable ones' indexes and their inlier mask."""
+    ties = _dense_tie_points(setup, prior, boxes)
+    usable = ties.accepted & (ties.peak_ratio >= setup.min_vote_ratio)
+    idx = np.flatnonzero(usable)
+    r, c, dy, dx = ties.row[idx], ties.col[idx], ties.dy[idx], ties.dx[idx]
+    inl = np.zeros(idx.size, bool)
+    if idx.size >= 3:
+        trend = _ransac_affine(r, c, dy, dx, _RANSAC_TOL, max(np.ptp(r), np.ptp(c), 1.0))
+        if trend.sum() >= 3:
+            base = _fit_model("affine", r[trend], c[trend], dy[trend], dx[trend], scale=scale)
+            py, px = base.displacement(r, c)
+            inl = _local_inliers(r, c, dy - py, dx - px, _RANSAC_TOL)
+    return ties, idx, inl
+
+
+def _too_few(
+    empty: Registration,
+    est: ShiftEstimate,
+    ties: TiePoints,
+    n_in: int,
+    candidates: dict[str, dict[str, Any]],
+    notes: list[str],
+) -> Registration:
+    """Too few dense tie points: the global translation if confirmed, else the identity."""
+    none_used = replace(ties, accepted=np.zeros(len(ties), bool))
+    if est.reliable:
+        notes.append(f"only {n_in} reliable tie point(s): the global translation is used")
+        return replace(
+            empty,
+            model=GeometricModel.translation(est.dy, est.dx),
+            reliable=True,
+            rmse=est.rmse,
+            tie_points=none_used,
+            candidates=candidates,
+            notes=tuple(notes),
+        )
+    notes.append(
+        f"only {n_in} reliable tie point(s) and no confirmed global shift: "
+        "identity used (the georeferencing is not corrected)"
+    )
+    return replace(empty, tie_points=none_used, candidates=candidates, notes=tuple(notes))
+
+
+def _compare_models(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    allowed: tuple[str, ...],
+    spacing: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray], float]:
+    """Cross-validated squared errors of every supported model (and the field's smoothing)."""
+    n_in = rows.shape[0]
+    candidates: dict[str, dict[str, Any]] = {}
+    errors: dict[str, np.ndarray] = {}
+    smoothing = 1.0
+    if n_in < _MIN_SUPPORT["translation"]:
+        return candidates, errors, smoothing
+    scale = float(spacing)
+    folds = _spatial_folds(rows, cols, 2 * spacing, min(_CV_FOLDS, n_in))
+    for kind in allowed:
+        supported = n_in >= _MIN_SUPPORT[kind]
+        entry: dict[str, Any] = {
+            "supported": supported,
+            "n_params": {"translation": 2, "affine": 6}.get(kind),
+        }
+        candidates[kind] = entry
+        if not supported:
+            continue
+        if kind == "field":
+            best: tuple[float, np.ndarray] | None = None
+            for lam in _FIELD_SMOOTHING:
+                e = _cv_errors(kind, rows, cols, dy, dx, folds, scale=scale, smoothing=lam)
+                if best is None or e.mean() < best[1].mean():
+                    best = (lam, e)
+            assert best is not None
+            smoothing, errors[kind] = best
+            entry["smoothing"] = smoothing
+        else:
+            errors[kind] = _cv_errors(kind, rows, cols, dy, dx, folds, scale=scale)
+        entry["cv_rmse_px"] = float(np.sqrt(errors[kind].mean()))
+    return candidates, errors, smoothing
+
+
+def _register(
+    setup: _Setup,
+    est: ShiftEstimate,
+    model: str,
+    window: int | None,
+    spacing: int | None,
+    max_points: int,
+) -> Registration:
+    boxes, window, spacing = _dense_boxes(setup.shape, window, spacing, max_points)
+    notes: list[str] = []
+    empty = Registration(
+        GeometricModel.identity(), False, math.nan, math.nan, est, None, {}, (),
+        window, spacing,
+    )
+    priors = []
+    if math.isfinite(est.dy) and math.isfinite(est.dx):
+        priors.append(_prior_model(est, setup.min_vote_ratio))
+    if not est.reliable:
+        # The global search found nothing confirmed: also search around the
+        # georeferencing itself (the images may be misaligned by a few pixels
+        # only, with too little shared content for the whole-range search).
+        priors.append(GeometricModel.identity())
+    best_run = None
+    for prior in priors:
+        run = _dense_inliers(setup, prior, boxes, float(spacing))
+        if best_run is None or run[2].sum() > best_run[2].sum():
+            best_run = run
+    assert best_run is not None
+    ties, idx, inl = best_run
+    r, c, dy, dx = ties.row[idx], ties.col[idx], ties.dy[idx], ties.dx[idx]
+    scale = float(spacing)
+    allowed = MODELS if model == "auto" else MODELS[: MODELS.index(model) + 1]
+    n_in = int(inl.sum())
+    ri, ci, yi, xi = r[inl], c[inl], dy[inl], dx[inl]
+    candidates, errors, smoothing = _compare_models(ri, ci, yi, xi, allowed, spacing)
+    chosen = None
+    if "translation" in errors:
+        chosen = "translation"
+        for kind in ("affine", "field"):
+            if kind in errors and _richer_is_better(errors[kind], errors[chosen]):
+                chosen = kind
+        if model != "auto" and chosen != model:
+            notes.append(
+                f"{model} model not used: "
+                + ("too few tie points support it" if not candidates[model]["supported"]
+                   else "it does not fit the tie points better than a simpler model")
+                + f"; {chosen} used"
+            )
+    if chosen is None:
+        return _too_few(empty, est, ties, n_in, candidates, notes)
+    fitted = _fit_model(chosen, ri, ci, yi, xi, scale=scale, smoothing=smoothing)
+    rmse = float(np.sqrt(errors[chosen].mean()))
+    py, px = fitted.displacement(ties.row, ties.col)
+    residual = np.hypot(ties.dy - py, ties.dx - px)
+    accepted = np.zeros(len(ties), bool)
+    accepted[idx[inl]] = True
+    fit_rmse = float(np.sqrt(np.mean(residual[accepted] ** 2)))
+    ties = replace(ties, accepted=accepted, residual=residual)
+    reliable = rmse <= _MAX_RMSE
+    confirmed = est.reliable
+    if chosen == "translation":
+        # A handful of points can agree by chance on unrelated images: a
+        # translation also needs the global estimate's confirmation, or as
+        # many agreeing tie points as an affine model.
+        if est.reliable:
+            close = max(abs(fitted.matrix[0, 2] - est.dy), abs(fitted.matrix[1, 2] - est.dx))
+            confirmed = close <= _AGREE_TOL + rmse
+        else:
+            confirmed = n_in >= _MIN_SUPPORT["affine"]
+        reliable = reliable and confirmed
+    if not reliable:
+        if chosen == "translation" and not confirmed:
+            notes.append(
+                "the translation could not be confirmed: identity used "
+                "(the georeferencing is not corrected)"
+            )
+            fitted = GeometricModel.identity()
+        else:
+            notes.append(f"held-out residual {rmse:.2f} px is above {_MAX_RMSE:g} px")
+    return Registration(
+        fitted, bool(reliable), rmse, fit_rmse, est, ties, candidates, tuple(notes),
+        window, spacing,
+    )
 
 
 # ----------------------------------------------------------------------------

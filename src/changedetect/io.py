@@ -625,3 +625,159 @@ class OutputFolder:
                 continue
             except OSError:
                 break
+
+
+# --------------------------------------------------------------------------- model warps
+def warp_with_model(
+    path: str | os.PathLike,
+    grid: Grid,
+    model: Any,
+    *,
+    bands: list[int] | None = None,
+    resampling: str = "cubic",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    num_threads: int = 2,
+    node_spacing: int = 16,
+) -> tuple[np.ndarray, np.ndarray, str, float | None]:
+    """Resample bands of a raster onto ``grid`` through a co-registration model, once.
+
+    ``model`` maps reference pixel coordinates to where their content lies
+    (:class:`changedetect.coregister.GeometricModel`): output pixel ``(r, c)``
+    holds the source content at reference-grid coordinates
+    ``model.source_coordinates(r, c)``. The source file's own pixels are
+    sampled once, whatever its CRS and pixel size.
+
+    A linear model (identity, translation, affine) is folded into the
+    destination transform of a single GDAL warp, as :func:`warp_to_grid` does
+    for a shift. A displacement field is applied by computing the source pixel
+    of every output pixel (exactly on a node grid every ``node_spacing``
+    pixels, through the model and the CRS transformation, bilinearly in
+    between, as GDAL's approximate transformer does) and sampling the original
+    pixels with :func:`scipy.ndimage.map_coordinates` (cubic B-spline for
+    ``cubic``/``cubic_spline``/``lanczos``, linear for ``bilinear``, nearest);
+    a source finer than the grid is low-passed first (Gaussian of
+    ``(s - 1) / 2`` source pixels for a scale ratio ``s`` above 1.2) against
+    aliasing. Bands and row blocks are processed in ``num_threads`` threads.
+
+    Returns
+    -------
+    As :func:`warp_to_grid`.
+    """
+    from affine import Affine
+
+    if getattr(model, "is_linear", True):
+        m = np.asarray(model.matrix, np.float64)
+        # Pixel-corner coordinates (u = col + 0.5, v = row + 0.5) of the
+        # destination mapped onto the reference grid's.
+        # r' = m00 r + m01 c + m02, c' = m10 r + m11 c + m12, with r = v - 0.5.
+        a, b = m[1, 1], m[1, 0]
+        d, e = m[0, 1], m[0, 0]
+        c0 = m[1, 2] + 0.5 - 0.5 * (a + b)
+        f0 = m[0, 2] + 0.5 - 0.5 * (d + e)
+        pixel = Affine(a, b, c0, d, e, f0)
+        dst = Grid(grid.crs, grid.transform * pixel, grid.width, grid.height)
+        return warp_to_grid(
+            path, dst, bands=bands, resampling=resampling, max_pixels=max_pixels,
+            num_threads=num_threads,
+        )
+    return _warp_field(path, grid, model, bands, resampling, max_pixels, node_spacing, num_threads)
+
+
+def _warp_field(
+    path: str | os.PathLike, grid: Grid, model: Any, bands: list[int] | None,
+    resampling: str, max_pixels: int, node_spacing: int, num_threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, str, float | None]:
+    import math
+
+    from rasterio.warp import transform as transform_points
+    from rasterio.windows import Window
+    from scipy import ndimage as ndi
+
+    path = Path(path)
+    rows, cols = grid.height, grid.width
+    nr = np.unique(np.r_[np.arange(0, rows, node_spacing), rows - 1]).astype(np.float64)
+    nc = np.unique(np.r_[np.arange(0, cols, node_spacing), cols - 1]).astype(np.float64)
+    rr, cc = np.meshgrid(nr, nc, indexing="ij")
+    sr, sc = model.source_coordinates(rr, cc)
+    xs, ys = grid.transform * (sc + 0.5, sr + 0.5)
+    with open_raster(path, max_pixels=max_pixels) as src:
+        indexes = _check_bands(path, src.count, bands)
+        _check_readable(src, path, indexes)
+        if src.crs != rasterio.crs.CRS.from_user_input(grid.crs):
+            xs, ys = transform_points(grid.crs, src.crs, xs.ravel(), ys.ravel())
+            xs = np.asarray(xs).reshape(rr.shape)
+            ys = np.asarray(ys).reshape(rr.shape)
+        inv = ~src.transform
+        u, v = inv * (xs, ys)
+        node_c, node_r = np.asarray(u) - 0.5, np.asarray(v) - 0.5
+        # Scale ratio (source pixels per output pixel) from the node grid.
+        step = max(float(nr[1] - nr[0]) if nr.size > 1 else 1.0, 1.0)
+        span = np.hypot(np.diff(node_r, axis=0), np.diff(node_c, axis=0)) / step if nr.size > 1 else np.ones(1)
+        ratio = float(np.median(span)) if span.size else 1.0
+        margin = 4 + int(math.ceil(2 * max(ratio, 1.0)))
+        r0 = max(int(math.floor(np.nanmin(node_r))) - margin, 0)
+        c0 = max(int(math.floor(np.nanmin(node_c))) - margin, 0)
+        r1 = min(int(math.ceil(np.nanmax(node_r))) + margin + 1, src.height)
+        c1 = min(int(math.ceil(np.nanmax(node_c))) + margin + 1, src.width)
+        out = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
+        if r0 >= r1 or c0 >= c1:
+            return out, np.zeros((rows, cols), bool), src.dtypes[0], src.nodata
+        win = Window(c0, r0, c1 - c0, r1 - r0)
+        try:
+            data = src.read(indexes, window=win, out_dtype="float32")
+            masks = src.read_masks(indexes, window=win)
+        except RasterioError as exc:
+            raise _unreadable(path, exc) from exc
+        dtype, nodata = src.dtypes[0], src.nodata
+    valid_src = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+    order = {"nearest": 0, "bilinear": 1}.get(resampling, 3)
+    # Below a tenth of a pixel the low-pass changes nothing worth its cost.
+    sigma = (ratio - 1.0) / 2.0 if order > 0 and ratio > 1.2 else 0.0
+    # Full-resolution source coordinates, bilinear between the nodes.
+    fr = np.interp(np.arange(rows), nr, np.arange(nr.size))
+    fc = np.interp(np.arange(cols), nc, np.arange(nc.size))
+    valid = np.ones((rows, cols), bool)
+    def prefilter(band: np.ndarray) -> np.ndarray:
+        b = band if valid_src.all() else np.where(
+            valid_src, band, float(band[valid_src].mean()) if valid_src.any() else 0.0
+        )
+        if sigma > 0:
+            b = ndi.gaussian_filter(b, sigma)
+        if order > 1:
+            b = ndi.spline_filter(b, order=order, mode="mirror", output=np.float32)
+        return b.astype(np.float32, copy=False)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        filled = list(pool.map(prefilter, data))
+    support = None if valid_src.all() else valid_src.astype(np.float32)
+    # Bilinear weights between the nodes, separable: rows, then columns.
+    i0 = np.minimum(np.floor(fr).astype(int), max(nr.size - 2, 0))
+    wr = (fr - i0)[:, None]
+    j0 = np.minimum(np.floor(fc).astype(int), max(nc.size - 2, 0))
+    wc = fc - j0
+    i1, j1 = np.minimum(i0 + 1, nr.size - 1), np.minimum(j0 + 1, nc.size - 1)
+
+    def full(node: np.ndarray, a: int, b: int) -> np.ndarray:
+        part = node[i0[a:b]] * (1.0 - wr[a:b]) + node[i1[a:b]] * wr[a:b]
+        return part[:, j0] * (1.0 - wc) + part[:, j1] * wc
+
+    chunk = max(1, (1 << 20) // max(cols, 1))
+
+    def block(a: int) -> None:
+        b = min(rows, a + chunk)
+        pr = full(node_r, a, b) - r0
+        pc = full(node_c, a, b) - c0
+        ok = (pr >= -0.5) & (pr <= r1 - r0 - 0.5) & (pc >= -0.5) & (pc <= c1 - c0 - 0.5)
+        if support is not None:
+            sup = ndi.map_coordinates(support, [pr, pc], order=1, mode="constant", cval=0.0)
+            ok &= sup >= 1.0 - 1e-4
+        for i, coef in enumerate(filled):
+            vals = ndi.map_coordinates(coef, [pr, pc], order=order, mode="mirror", prefilter=False)
+            out[i, a:b] = np.where(ok, vals, np.nan)
+        valid[a:b] = ok
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        list(pool.map(block, range(0, rows, chunk)))
+    return out, valid, dtype, nodata

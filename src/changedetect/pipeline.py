@@ -30,7 +30,7 @@ from . import change as change_mod
 from . import coregister as coreg
 from . import damage as damage_mod
 from .config import PipelineConfig
-from .errors import ConfigError, CoregistrationWarning, DataError, NoOverlapError
+from .errors import ChangeDetectWarning, ConfigError, CoregistrationWarning, DataError, NoOverlapError
 from .grid import Grid
 from .provenance import MANIFEST_NAME, build_manifest, command_line, utc_now
 from .radiometry import normalize
@@ -60,9 +60,11 @@ def _select_bands(config: PipelineConfig, before: io.RasterInfo, after: io.Raste
         return list(bands)
     n = min(before.count, after.count)
     if before.count != after.count:
-        log.warning(
-            "band counts differ (%s: %d, %s: %d): using the first %d band(s); set inputs.bands to choose",
-            before.path.name, before.count, after.path.name, after.count, n,
+        warnings.warn(
+            f"band counts differ ({before.path.name}: {before.count}, {after.path.name}: {after.count}): "
+            f"using the first {n} band(s); set inputs.bands to choose",
+            ChangeDetectWarning,
+            stacklevel=2,
         )
     return list(range(1, n + 1))
 
@@ -136,11 +138,30 @@ def coregister_pair(
     max_pixels: int,
     enabled: bool = True,
     reference: tuple[np.ndarray, np.ndarray] | None = None,
+    model: str = "auto",
+    tie_window: int | None = None,
+    tie_spacing: int | None = None,
+    tie_points_path: Path | None = None,
+    apply_bands: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[str, float | None]]:
-    """Warp the after image onto ``grid``, estimate and remove the global shift.
+    """Warp the after image onto ``grid`` through a fitted co-registration model.
 
-    Returns the corrected after image in source units (NaN where no data), its valid
-    mask, the co-registration report, and the source (dtype, nodata).
+    The after image is first warped onto ``grid`` (any CRS and pixel size) to
+    measure tie points against the before image; a translation, affine or smooth
+    displacement-field model is chosen by cross-validation
+    (:func:`changedetect.coregister.register`) and the after image is then
+    resampled once more *from its original pixels* through that model (one
+    resampling in the product). ``model`` caps the richest model allowed;
+    ``tie_window`` / ``tie_spacing`` override the tie-point grid.
+
+    When the model cannot be confirmed, a :class:`CoregistrationWarning` is issued,
+    the report says ``reliable: false``, and the safest model (the global
+    translation if confirmed, else no correction) is applied.
+
+    With ``tie_points_path``, the tie points are written there (GeoJSON,
+    EPSG:4326). Returns the corrected after image (``apply_bands``, default
+    ``bands``) in source units (NaN where no data), its valid mask, the
+    co-registration report, and the source (dtype, nodata).
     """
     if reference is None:
         before, bvalid, _ = io.read_grid(before_path, bands=bands, max_pixels=max_pixels)
@@ -155,52 +176,161 @@ def coregister_pair(
         raise NoOverlapError(f"{after_path}: no pixel has data in both images")
     scale = 255.0 if np.dtype(dtype) == np.uint8 else io._robust_scale(np.nan_to_num(raw), avalid)
     res_x, res_y = grid.res
+    pixel_m = math.sqrt(res_x * res_y)
     report: dict[str, Any] = {
-        "method": "global translation, masked coarse-to-fine phase correlation",
+        "method": "masked coarse-to-fine phase correlation, tie-point model chosen by cross-validation",
         "enabled": enabled,
         "reference_grid": grid.as_dict(),
         "resampling": resampling,
         "max_shift_px": max_shift_px,
     }
     if not enabled:
-        report.update({"shift_px": {"dy": 0.0, "dx": 0.0}, "reliable": None})
+        report.update({"shift_px": {"dy": 0.0, "dx": 0.0}, "reliable": None, "model": "none",
+                       "position_uncertainty_m": None})
+        if tie_points_path is not None:
+            _write_tie_points(tie_points_path, None, grid)
+        if apply_bands is not None and list(apply_bands) != list(bands):
+            raw, avalid, _, _ = io.warp_to_grid(
+                after_path, grid, bands=apply_bands, resampling=resampling, max_pixels=max_pixels
+            )
         return raw, avalid, report, (dtype, nodata)
     moving = np.nan_to_num(raw) / np.float32(scale)
-    est = coreg.estimate_shift(
-        before,
-        moving,
-        reference_valid=bvalid,
-        moving_valid=avalid,
-        max_shift=max_shift_px,
-        upsample_factor=upsample,
+    reg = coreg.register(
+        before, moving, reference_valid=bvalid, moving_valid=avalid, max_shift=max_shift_px,
+        upsample_factor=upsample, model=model, window=tie_window, spacing=tie_spacing,
     )
-    dy, dx = float(est.dy), float(est.dx)
-    if not (math.isfinite(dy) and math.isfinite(dx)):
-        dy = dx = 0.0
-    shifted, svalid, _, _ = io.warp_to_grid(
-        after_path, grid.shifted(dy, dx), bands=bands, resampling=resampling, max_pixels=max_pixels
+    est = reg.shift
+    aligned, svalid, _, _ = io.warp_with_model(
+        after_path, grid, reg.model, bands=bands, resampling=resampling, max_pixels=max_pixels
     )
+    centre = ((grid.height - 1) / 2.0, (grid.width - 1) / 2.0)
+    dy, dx = (float(v) for v in reg.model.displacement(*centre))
+    gdy, gdx = float(est.dy), float(est.dx)
     common_raw = bvalid & avalid
     common_new = bvalid & svalid
+    stable = _stable_area(reg, grid.shape)
+    ssim_raw = _ssim_map(before, moving, common_raw)
+    ssim_new = _ssim_map(before, np.nan_to_num(aligned) / np.float32(scale), common_new)
+    rmse = reg.rmse if math.isfinite(reg.rmse) else float("nan")
+    if reg.reliable and math.isfinite(rmse):
+        uncertainty_m = rmse * pixel_m
+    else:
+        # Unconfirmed: a misalignment up to the search range cannot be excluded.
+        uncertainty_m = max_shift_px * pixel_m
+    details = reg.as_dict(grid.shape)
     report.update(
         {
+            "model": reg.model.kind,
+            "parameters": details["parameters"],
+            "model_selection": details["candidates"],
+            "notes": details["notes"],
             "estimate": est.as_dict(),
+            "global_shift_px": {"dy": _round(gdy), "dx": _round(gdx)},
+            "global_shift_m": {"north": _round(-gdy * res_y), "east": _round(gdx * res_x)},
             "shift_px": {"dy": round(dy, 4), "dx": round(dx, 4)},
             "shift_m": {"north": round(-dy * res_y, 4), "east": round(dx * res_x, 4)},
             "shift_magnitude_px": round(math.hypot(dy, dx), 4),
-            "reliable": bool(est.reliable),
-            "ssim_before_correction": _luminance_ssim(before, moving, common_raw),
-            "ssim_after_correction": _luminance_ssim(before, np.nan_to_num(shifted) / np.float32(scale), common_new),
+            "tie_points": {
+                "measured": 0 if reg.tie_points is None else len(reg.tie_points),
+                "used": reg.n_used, "rejected": reg.n_rejected,
+                "window_px": reg.window, "spacing_px": reg.spacing,
+            },
+            "residual_rmse_px": _round(rmse),
+            "residual_rmse_m": _round(rmse * pixel_m),
+            "fit_rmse_px": _round(reg.fit_rmse),
+            "position_uncertainty_m": round(uncertainty_m, 4),
+            "reliable": bool(reg.reliable),
+            "ssim_before_correction": _mean_over(ssim_raw, common_raw),
+            "ssim_after_correction": _mean_over(ssim_new, common_new),
+            "ssim_stable_before_correction": _mean_over(ssim_raw, common_raw & stable),
+            "ssim_stable_after_correction": _mean_over(ssim_new, common_new & stable),
         }
     )
-    if not est.reliable:
+    if tie_points_path is not None:
+        _write_tie_points(tie_points_path, reg.tie_points, grid)
+    if apply_bands is not None and list(apply_bands) != list(bands):
+        aligned, svalid, _, _ = io.warp_with_model(
+            after_path, grid, reg.model, bands=apply_bands, resampling=resampling, max_pixels=max_pixels
+        )
+    if not reg.reliable:
+        why = "; ".join(reg.notes) or "the tie points do not confirm it"
         warnings.warn(
-            f"{after_path}: co-registration could not be confirmed (peak ratio "
-            f"{est.peak_ratio:.2f}); shift ({dy:.2f}, {dx:.2f}) px applied, check the alignment",
+            f"{after_path}: co-registration is not reliable ({why}); {reg.model.kind} model applied, "
+            f"shift ({dy:.2f}, {dx:.2f}) px at the centre: check the alignment",
             CoregistrationWarning,
             stacklevel=2,
         )
-    return shifted, svalid, report, (dtype, nodata)
+    return aligned, svalid, report, (dtype, nodata)
+
+
+def _uncertainty_columns(area_m2: float, uncertainty_m: float | None) -> dict[str, Any]:
+    """``position_uncertainty_m`` of a damage polygon, and ``below_uncertainty``.
+
+    A polygon is below the uncertainty when its area is smaller than the disc of
+    radius ``position_uncertainty_m``: its position is then less certain than its
+    size. Without co-registration the uncertainty is unknown (NaN, not flagged).
+    """
+    if uncertainty_m is None or not math.isfinite(float(uncertainty_m)):
+        return {"position_uncertainty_m": float("nan"), "below_uncertainty": False}
+    u = float(uncertainty_m)
+    return {"position_uncertainty_m": round(u, 3), "below_uncertainty": bool(area_m2 < math.pi * u * u)}
+
+
+def _round(value: float, digits: int = 4) -> float | None:
+    return round(float(value), digits) if math.isfinite(value) else None
+
+
+def _ssim_map(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    ssim, _ = change_mod.ssim_components(change_mod.luminance(a), change_mod.luminance(b), valid=valid)
+    return ssim
+
+
+def _mean_over(values: np.ndarray, mask: np.ndarray) -> float | None:
+    vals = values[mask & np.isfinite(values)]
+    return round(float(vals.mean()), 4) if vals.size else None
+
+
+def _stable_area(reg: coreg.Registration, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of the windows of the accepted tie points (content that matches in both dates)."""
+    out = np.zeros(shape, bool)
+    tp = reg.tie_points
+    if tp is None:
+        return out
+    half = reg.window / 2.0
+    for r, c in zip(tp.row[tp.accepted], tp.col[tp.accepted], strict=True):
+        r0, c0 = max(int(round(r - half + 0.5)), 0), max(int(round(c - half + 0.5)), 0)
+        out[r0 : r0 + reg.window, c0 : c0 + reg.window] = True
+    return out
+
+
+def _write_tie_points(path: Path, tp: coreg.TiePoints | None, grid: Grid) -> None:
+    """tie_points.geojson: one point per tie window, its shift and whether the model used it."""
+    import geopandas as gpd
+    from shapely.geometry import Point
+
+    cols = ("row", "col", "dy_px", "dx_px", "peak_ratio", "reliability", "similarity", "residual_px",
+            "n_valid", "accepted")
+    if tp is None or len(tp) == 0:
+        gdf = gpd.GeoDataFrame({k: [] for k in cols}, geometry=[], crs=grid.crs)
+    else:
+        xs, ys = grid.transform * (tp.col + 0.5, tp.row + 0.5)
+        ratio = np.asarray(tp.peak_ratio, float)
+        nan = np.full(len(tp), np.nan)
+        gdf = gpd.GeoDataFrame(
+            {
+                "row": np.round(tp.row, 2), "col": np.round(tp.col, 2),
+                "dy_px": np.round(tp.dy, 4), "dx_px": np.round(tp.dx, 4),
+                "peak_ratio": np.round(ratio, 3),
+                "reliability": np.round(np.clip(1.0 - 1.0 / np.maximum(ratio, 1e-9), 0.0, 1.0), 4),
+                "similarity": np.round(tp.similarity if tp.similarity is not None else nan, 4),
+                "residual_px": np.round(tp.residual if tp.residual is not None else nan, 4),
+                "n_valid": np.asarray(tp.n_valid, int),
+                "accepted": np.asarray(tp.accepted, bool),
+            },
+            geometry=[Point(x, y) for x, y in zip(np.atleast_1d(xs), np.atleast_1d(ys), strict=True)],
+            crs=grid.crs,
+        )
+    io.write_vector(path, gdf, layer="tie_points")
 
 
 def _site_checks(sites: Any, damage: Any, default_radius: float) -> list[dict[str, Any]]:
@@ -285,6 +415,7 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
             max_shift_px=config.coregister.max_shift_px, upsample=config.coregister.upsample,
             resampling=config.coregister.resampling, max_pixels=limit,
             enabled=config.coregister.enabled, reference=(before_full, bvalid_full),
+            tie_points_path=out.file("tie_points.geojson"),
         )
         _write_after(out.file("after_coregistered.tif"), after_full, avalid_full, ref_grid, adtype, config,
                      colorinterp=_colorinterp(ainfo, bands))
@@ -377,6 +508,7 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
                 "mean_difference": obj.mean_difference,
                 "structure_loss_fraction": obj.structure_loss_fraction,
                 "severity": obj.severity, "confidence": obj.confidence,
+                **_uncertainty_columns(obj.area_m2, report.get("position_uncertainty_m")),
             })
         from .polygonize import polygonize_labels
 
@@ -384,7 +516,8 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
         if len(damage) == 0:
             damage = gpd.GeoDataFrame(
                 {k: [] for k in ("id", "aoi", "area_m2", "score", "score_max", "mean_ssim", "mean_difference",
-                                 "structure_loss_fraction", "severity", "confidence")},
+                                 "structure_loss_fraction", "severity", "confidence",
+                                 "position_uncertainty_m", "below_uncertainty")},
                 geometry=[], crs=ref_grid.crs,
             )
 
@@ -606,15 +739,19 @@ def coregister_files(
     upsample: int = 20,
     resampling: str = "cubic",
     max_pixels: int = io.DEFAULT_MAX_PIXELS,
+    model: str = "auto",
 ) -> dict[str, Any]:
     """Write every band of ``target`` aligned onto ``reference``'s exact grid.
 
-    Also writes the co-registration report beside it (``OUT.coregistration.json``).
-    The shift is estimated on the bands both images have in common.
+    Also writes the co-registration report (``OUT.coregistration.json``) and the
+    tie points (``OUT.tie_points.geojson``) beside it. The model is estimated on
+    the bands both images have in common and applied to every band in one
+    resampling from the target's original pixels.
     """
     out = Path(out)
     report_path = out.with_name(out.stem + ".coregistration.json")
-    for p in (out, report_path):
+    ties_path = out.with_name(out.stem + ".tie_points.geojson")
+    for p in (out, report_path, ties_path):
         if p.exists() and not overwrite:
             raise io.OutputExistsError(f"{p}: exists (use --overwrite to replace it)")
     rinfo = io.raster_info(reference, max_pixels=max_pixels)
@@ -622,14 +759,17 @@ def coregister_files(
     _overlap_window(rinfo, tinfo)
     common = list(range(1, min(rinfo.count, tinfo.count) + 1))
     before, bvalid, _ = io.read_grid(reference, bands=common, max_pixels=max_pixels)
-    _, _, report, _ = coregister_pair(
-        reference, target, grid=rinfo.grid, bands=common, max_shift_px=max_shift_px,
-        upsample=upsample, resampling=resampling, max_pixels=max_pixels, reference=(before, bvalid),
-    )
-    dy, dx = report["shift_px"]["dy"], report["shift_px"]["dx"]
-    allbands, valid, dtype, nodata = io.warp_to_grid(
-        target, rinfo.grid.shifted(dy, dx), resampling=resampling, max_pixels=max_pixels
-    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="changedetect-ties-") as tmp:
+        tmp_ties = Path(tmp) / "tie_points.geojson"
+        aligned, valid, report, (dtype, _) = coregister_pair(
+            reference, target, grid=rinfo.grid, bands=common, max_shift_px=max_shift_px,
+            upsample=upsample, resampling=resampling, max_pixels=max_pixels, reference=(before, bvalid),
+            model=model, tie_points_path=tmp_ties, apply_bands=list(range(1, tinfo.count + 1)),
+        )
+        ties_bytes = tmp_ties.read_bytes()
+    allbands = aligned
     arr = np.nan_to_num(allbands)
     if np.issubdtype(np.dtype(dtype), np.integer):
         info = np.iinfo(np.dtype(dtype))
@@ -643,6 +783,8 @@ def coregister_files(
         tags={"CHANGEDETECT_VERSION": __version__, "COREGISTRATION_SHIFT_PX": report["shift_px"]},
     )
     io.write_json(report_path, report, overwrite=overwrite)
+    with io.atomic_output(ties_path, overwrite=overwrite) as tmp_path:
+        tmp_path.write_bytes(ties_bytes)
     return report
 
 
