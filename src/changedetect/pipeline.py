@@ -4,10 +4,11 @@
 writes every output into a staged output folder (see :class:`changedetect.io.OutputFolder`):
 
 1. read the before image (the reference grid) and warp the after image onto it;
-2. estimate the global shift between them (masked, coarse-to-fine phase
-   correlation) and warp the after image again *from its original pixels* with the
-   shift folded into the destination grid (one resampling only);
-3. normalise the after image's radiometry to the before image on valid pixels;
+2. fit a co-registration model (global shift, then tie points; translation,
+   affine or smooth field chosen by cross-validation) and warp the after image
+   again *from its original pixels* through it (one resampling only);
+3. normalise the after image's radiometry to the before image, fitted on pixels
+   whose local pattern did not change;
 4. compute difference, SSIM and the change score over the areas of interest;
 5. threshold, clean and polygonize the damage, grade each polygon, check the
    reported sites, and evaluate against reference labels when given;
