@@ -197,3 +197,19 @@ def test_detect_writes_tie_points_and_uncertainty(runner, pair, tmp_path):
     dmg = gpd.read_file(out / "damage.geojson")
     assert {"position_uncertainty_m", "below_uncertainty"} <= set(dmg.columns)
     assert dmg["position_uncertainty_m"].iloc[0] == pytest.approx(reg["position_uncertainty_m"], abs=1e-3)
+
+
+def test_model_can_be_capped_from_the_pipeline(runner, pair, tmp_path):
+    import json
+
+    from changedetect.cli.main import cli
+
+    before, after = pair
+    out = tmp_path / "out"
+    res = runner.invoke(cli, ["detect", str(before), str(after), "-o", str(out), "--set", "coregister.model=translation"])
+    assert res.exit_code == 0, res.output
+    reg = json.loads((out / "coregistration.json").read_text())
+    assert reg["model"] in ("translation", "none")
+    res = runner.invoke(cli, ["detect", str(before), str(after), "-o", str(tmp_path / "o2"), "--set", "coregister.model=spline"])
+    assert res.exit_code == 2
+    assert "coregister.model" in res.stderr

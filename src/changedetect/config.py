@@ -67,6 +67,11 @@ class Coregister(_Strict):
     max_shift_px: float = Field(64.0, ge=0)
     upsample: int = Field(20, ge=1, le=1000)
     resampling: ResamplingName = "cubic"
+    model: Literal["auto", "translation", "affine", "field"] = Field(
+        "auto", description="Richest geometric model allowed; 'auto' lets cross-validation choose."
+    )
+    tie_window: int | None = Field(None, ge=16, description="Tie-point window, pixels (default: from image size).")
+    tie_spacing: int | None = Field(None, ge=8, description="Tie-point spacing, pixels (default: the window).")
 
 
 class Radiometry(_Strict):

@@ -416,6 +416,8 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
             max_shift_px=config.coregister.max_shift_px, upsample=config.coregister.upsample,
             resampling=config.coregister.resampling, max_pixels=limit,
             enabled=config.coregister.enabled, reference=(before_full, bvalid_full),
+            model=config.coregister.model, tie_window=config.coregister.tie_window,
+            tie_spacing=config.coregister.tie_spacing,
             tie_points_path=out.file("tie_points.geojson"),
         )
         _write_after(out.file("after_coregistered.tif"), after_full, avalid_full, ref_grid, adtype, config,

@@ -112,8 +112,9 @@ def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, overri
 @click.option("--out", "-o", "out", type=out_path, required=True, help="Output GeoTIFF (COG).")
 @click.option("--max-shift", type=click.FloatRange(min=0), default=64.0, show_default=True, help="Largest shift searched, pixels.")
 @click.option("--resampling", type=click.Choice(["nearest", "bilinear", "cubic", "cubic_spline", "lanczos"]), default="cubic", show_default=True)
+@click.option("--model", type=click.Choice(["auto", "translation", "affine", "field"]), default="auto", show_default=True, help="Richest geometric model allowed ('auto': chosen by cross-validation).")
 @overwrite_opt
-def coregister(reference, target, out, max_shift, resampling, overwrite) -> None:
+def coregister(reference, target, out, max_shift, resampling, model, overwrite) -> None:
     """Align TARGET onto REFERENCE's exact grid (all bands, one resampling).
 
     Writes OUT (same CRS, transform and size as REFERENCE; masked where TARGET has
@@ -125,7 +126,9 @@ def coregister(reference, target, out, max_shift, resampling, overwrite) -> None
     """
     from ..pipeline import coregister_files
 
-    report = coregister_files(reference, target, out, overwrite=overwrite, max_shift_px=max_shift, resampling=resampling)
+    report = coregister_files(
+        reference, target, out, overwrite=overwrite, max_shift_px=max_shift, resampling=resampling, model=model
+    )
     s = report["shift_px"]
     click.echo(
         f"wrote {out}: shift dy={s['dy']:+.3f} dx={s['dx']:+.3f} px, reliable={report['reliable']}, "
