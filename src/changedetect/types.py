@@ -8,7 +8,7 @@ from typing import Literal
 Shift = tuple[float, float]
 
 #: Radiometric normalisation methods (see :mod:`changedetect.radiometry`).
-RadiometryMethod = Literal["histogram", "linear", "none"]
+RadiometryMethod = Literal["histogram", "linear", "irmad", "none"]
 
 #: Resampling kernels accepted for the warp of the after image.
 ResamplingName = Literal["nearest", "bilinear", "cubic", "cubic_spline", "lanczos"]
