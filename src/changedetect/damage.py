@@ -13,7 +13,10 @@ from scipy import ndimage as ndi
 
 from .types import SEVERITIES
 
-__all__ = ["DamageObject", "clean_mask", "refine_boundaries", "grade", "damage_objects"]
+__all__ = [
+    "DamageObject", "clean_local", "clean_mask", "damage_objects", "grade", "local_reach_px",
+    "objects_from_stats", "refine_boundaries",
+]
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -22,6 +25,38 @@ def _disk(radius_px: float) -> np.ndarray:
         return np.ones((1, 1), dtype=bool)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (yy * yy + xx * xx) <= radius_px * radius_px
+
+
+def local_reach_px(pixel_size: float, open_radius_m: float, close_radius_m: float) -> int:
+    """Rows beyond which :func:`clean_local` cannot change a pixel (its halo)."""
+    ro = int(np.floor(open_radius_m / pixel_size)) if open_radius_m > 0 else 0
+    rc = int(np.floor(close_radius_m / pixel_size)) if close_radius_m > 0 else 0
+    return 3 * ro + 2 * rc + 2
+
+
+def clean_local(
+    mask: np.ndarray, *, pixel_size: float, open_radius_m: float = 1.5, close_radius_m: float = 1.0
+) -> np.ndarray:
+    """The local part of :func:`clean_mask`: opening (corners given back), then closing.
+
+    Every output pixel depends only on the input within
+    :func:`local_reach_px` of it (outside the array counts as background), so
+    the function can be run on strips with that halo.
+    """
+    out = mask.astype(bool, copy=True)
+    if open_radius_m > 0:
+        se = _disk(open_radius_m / pixel_size)
+        opened = ndi.binary_opening(out, structure=se)
+        # Give back the corners the disk cannot reach (pixels of the mask within the
+        # radius of what survived), so square objects keep their exact area while
+        # lines and specks narrower than the disk stay removed.
+        out = opened | (out & ndi.binary_dilation(opened, structure=se))
+    if close_radius_m > 0:
+        se = _disk(close_radius_m / pixel_size)
+        pad = se.shape[0]
+        padded = np.pad(out, pad)
+        out = ndi.binary_closing(padded, structure=se)[pad:-pad, pad:-pad]
+    return out
 
 
 def clean_mask(
@@ -56,20 +91,8 @@ def clean_mask(
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0")
-    out = mask.astype(bool, copy=True)
+    out = clean_local(mask, pixel_size=pixel_size, open_radius_m=open_radius_m, close_radius_m=close_radius_m)
     px_area = pixel_size * pixel_size
-    if open_radius_m > 0:
-        se = _disk(open_radius_m / pixel_size)
-        opened = ndi.binary_opening(out, structure=se)
-        # Give back the corners the disk cannot reach (pixels of the mask within the
-        # radius of what survived), so square objects keep their exact area while
-        # lines and specks narrower than the disk stay removed.
-        out = opened | (out & ndi.binary_dilation(opened, structure=se))
-    if close_radius_m > 0:
-        se = _disk(close_radius_m / pixel_size)
-        pad = se.shape[0]
-        padded = np.pad(out, pad)
-        out = ndi.binary_closing(padded, structure=se)[pad:-pad, pad:-pad]
     if max_hole_m2 > 0:
         holes = ndi.binary_fill_holes(out) & ~out
         lab, n = ndi.label(holes)
@@ -184,22 +207,53 @@ def damage_objects(
     labels = labels.astype(np.int32)
     if n == 0:
         return labels, []
-    idx = np.arange(1, n + 1)
-    px_area = pixel_size * pixel_size
+    flat = labels.ravel()
 
-    def mean_of(a: np.ndarray) -> np.ndarray:
-        a = np.where(np.isfinite(a), a, 0)
-        return np.asarray(ndi.mean(a, labels, idx), dtype=float)
+    def sum_of(a: np.ndarray) -> np.ndarray:
+        a = np.where(np.isfinite(a), a, 0).astype(np.float64, copy=False)
+        return np.bincount(flat, weights=a.ravel(), minlength=n + 1)[1:]
 
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    counts = np.bincount(flat, minlength=n + 1)[1:]
     loss = np.where(np.isfinite(structure_loss), structure_loss, 0) >= strong_loss
-    loss_frac = np.bincount(labels.ravel(), weights=loss.ravel(), minlength=n + 1)[1:] / counts
-    sc = mean_of(score)
-    sc_max = np.asarray(ndi.maximum(np.where(np.isfinite(score), score, 0), labels, idx), dtype=float)
-    ss = mean_of(ssim)
-    df = mean_of(difference)
+    sc_max = np.asarray(
+        ndi.maximum(np.where(np.isfinite(score), score, 0), labels, np.arange(1, n + 1)), dtype=float
+    )
+    objects = objects_from_stats(
+        counts=counts, score_sum=sum_of(score), score_max=sc_max, ssim_sum=sum_of(ssim),
+        difference_sum=sum_of(difference), loss_count=sum_of(loss), threshold=threshold,
+        pixel_size=pixel_size, reliability=reliability, size_scale_m2=size_scale_m2,
+    )
+    return labels, objects
+
+
+def objects_from_stats(
+    *,
+    counts: np.ndarray,
+    score_sum: np.ndarray,
+    score_max: np.ndarray,
+    ssim_sum: np.ndarray,
+    difference_sum: np.ndarray,
+    loss_count: np.ndarray,
+    threshold: float,
+    pixel_size: float,
+    reliability: float = 1.0,
+    size_scale_m2: float = 100.0,
+) -> list[DamageObject]:
+    """Damage objects 1..n from per-object pixel counts and sums (see :func:`damage_objects`).
+
+    Sums treat non-finite values as 0, as :func:`damage_objects` does; objects
+    measured strip by strip (:class:`changedetect.components.StripLabeler`)
+    give the same objects as one whole-array pass.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    safe = np.maximum(counts, 1)
+    sc = np.asarray(score_sum, float) / safe
+    ss = np.asarray(ssim_sum, float) / safe
+    df = np.asarray(difference_sum, float) / safe
+    loss_frac = np.asarray(loss_count, float) / safe
+    px_area = pixel_size * pixel_size
     objects = []
-    for i in range(n):
+    for i in range(counts.size):
         margin = np.clip((sc[i] - threshold) / max(1 - threshold, 1e-6), 0, 1)
         evidence = (0.5 * margin + 0.5 * loss_frac[i]) ** 0.5
         # Objects near the size of a vehicle or a market stall are more often
@@ -212,7 +266,7 @@ def damage_objects(
                 label=i + 1,
                 area_m2=round(float(counts[i] * px_area), 3),
                 score=round(float(sc[i]), 4),
-                score_max=round(float(sc_max[i]), 4),
+                score_max=round(float(score_max[i]), 4),
                 mean_ssim=round(float(ss[i]), 4),
                 mean_difference=round(float(df[i]), 4),
                 structure_loss_fraction=round(float(loss_frac[i]), 4),
@@ -220,4 +274,4 @@ def damage_objects(
                 confidence=round(conf, 3),
             )
         )
-    return labels, objects
+    return objects
