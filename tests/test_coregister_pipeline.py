@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 
 from changedetect import coregister as cr
 from changedetect import io
+from changedetect import streaming
 from changedetect import pipeline as pl
 from changedetect.errors import CoregistrationWarning
 from conftest import textured
@@ -170,10 +171,10 @@ def test_refusal_warns_and_reports_unreliable(make_raster, tmp_path):
 
 
 def test_uncertainty_columns():
-    cols = pl._uncertainty_columns(10.0, 2.0)
+    cols = streaming.uncertainty_columns(10.0, 2.0)
     assert cols == {"position_uncertainty_m": 2.0, "below_uncertainty": True}
-    assert pl._uncertainty_columns(100.0, 2.0)["below_uncertainty"] is False
-    assert math.isnan(pl._uncertainty_columns(5.0, None)["position_uncertainty_m"])
+    assert streaming.uncertainty_columns(100.0, 2.0)["below_uncertainty"] is False
+    assert math.isnan(streaming.uncertainty_columns(5.0, None)["position_uncertainty_m"])
 
 
 def test_detect_writes_tie_points_and_uncertainty(runner, pair, tmp_path):

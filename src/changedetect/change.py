@@ -36,6 +36,12 @@ __all__ = [
     "excess_green",
     "change_layers",
     "threshold_otsu_valid",
+    "SceneStatistics",
+    "scene_samples",
+    "scene_statistics",
+    "change_halo",
+    "stable_mask",
+    "stable_mask_halo",
 ]
 
 #: SSIM constant C2 = (K2 * data range)^2 as in Wang et al. (2004); also the
@@ -98,6 +104,7 @@ def ssim_components(
     sigma: float = 1.5,
     truncate: float = 3.5,
     data_range: float = 1.0,
+    center: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Local SSIM and its contrast-structure factor of two 2-D images.
 
@@ -116,6 +123,11 @@ def ssim_components(
         invalid pixel are returned as NaN.
     sigma : float
         Standard deviation of the Gaussian window, in pixels.
+    center : float, optional
+        The constant both images are shifted by before the second moments are
+        formed (see :mod:`changedetect.fastssim`); by default the images' mean.
+        Give it when the images are parts of a larger scene, so that every part
+        gets the same values as the whole.
 
     Returns
     -------
@@ -135,7 +147,7 @@ def ssim_components(
         raise ValueError("before and after must be 2-D for SSIM")
     valid = _check_pair(before, after, valid)
     return ssim_components_fast(
-        before, after, valid=valid, sigma=sigma, truncate=truncate, data_range=data_range
+        before, after, valid=valid, sigma=sigma, truncate=truncate, data_range=data_range, center=center
     )
 
 
@@ -189,11 +201,6 @@ class ChangeLayers:
         }
 
 
-def _robust_z(a: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``(a - median) / (1.4826 MAD)`` over valid pixels (MAD floored at 1e-3)."""
-    med, spread = _robust_noise(a[valid])
-    return ((a - med) / spread).astype(a.dtype, copy=False)
-
 
 def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     t = np.clip((x - lo) / (hi - lo), 0, 1)
@@ -219,6 +226,7 @@ def stable_mask(
     valid: np.ndarray | None = None,
     sigma: float = 1.5,
     min_cs: float = 0.8,
+    center: float | None = None,
 ) -> np.ndarray:
     """Pixels that are confidently unchanged: textured, with the same local pattern.
 
@@ -228,14 +236,35 @@ def stable_mask(
     date) correlates at ``cs >= min_cs``, nothing changed there but the light and
     the sensor. These pixels define the radiometric mapping and the scene's
     no-change noise, so that neither is biased when much of the scene changed.
+
+    A pixel depends on the images within :func:`stable_mask_halo` of it.
     """
     valid = _check_pair(before, after, valid)
     lb, la = luminance(before), luminance(after)
-    _, cs = ssim_components(lb, la, valid=valid, sigma=sigma)
+    _, cs = ssim_components(lb, la, valid=valid, sigma=sigma, center=center)
     mu = ndi.gaussian_filter(lb, sigma)
     var = ndi.gaussian_filter(lb * lb, sigma) - mu * mu
     textured = var > (K2 * 1.0) ** 2
     return valid & textured & (np.nan_to_num(cs, nan=0.0) >= min_cs)
+
+
+def stable_mask_halo(sigma: float) -> int:
+    """Reach, in pixels, of :func:`stable_mask` (SSIM window and Gaussian variance)."""
+    return int(np.ceil(3.5 * sigma)) + int(np.ceil(4.0 * sigma)) + 2
+
+
+def shadow_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of the darker half of luminance ``values`` (0 if undefined)."""
+    from skimage.filters import threshold_otsu
+
+    values = values[np.isfinite(values)]
+    if values.size < 16:
+        return 0.0
+    med = float(np.median(values))
+    dark = values[values <= med]
+    if dark.size < 16 or np.ptp(dark) == 0:
+        return 0.0
+    return float(threshold_otsu(dark))
 
 
 def shadow_mask(lum: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float]:
@@ -247,33 +276,149 @@ def shadow_mask(lum: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float]:
 
     Returns the boolean mask and the threshold used.
     """
-    from skimage.filters import threshold_otsu
-
-    values = lum[valid]
-    if values.size < 16:
+    t = shadow_threshold(lum[valid])
+    if t == 0.0:
         return np.zeros(lum.shape, bool), 0.0
-    med = float(np.median(values))
-    dark = values[values <= med]
-    if dark.size < 16 or np.ptp(dark) == 0:
-        return np.zeros(lum.shape, bool), 0.0
-    t = float(threshold_otsu(dark))
     return (lum < t) & valid, t
 
 
 def shadow_change(
-    before: np.ndarray, after: np.ndarray, *, valid: np.ndarray, smooth_px: float = 2.0
+    before: np.ndarray,
+    after: np.ndarray,
+    *,
+    valid: np.ndarray,
+    smooth_px: float = 2.0,
+    thresholds: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Where a pixel is in cast shadow on exactly one date (0-1, smoothed).
 
     A change explained by the sun having moved between the dates (a shadow that
     appeared, vanished or shifted) is not damage; the score is damped there.
     Rubble with dark fragments is affected little: the fragments are small and
-    the map is smoothed over ``smooth_px``.
+    the map is smoothed over ``smooth_px``. ``thresholds`` (before, after) are
+    the scene's shadow thresholds; by default measured on these images.
     """
-    sb, _ = shadow_mask(before, valid)
-    sa, _ = shadow_mask(after, valid)
+    if thresholds is None:
+        thresholds = (shadow_threshold(before[valid]), shadow_threshold(after[valid]))
+    sb = (before < thresholds[0]) & valid
+    sa = (after < thresholds[1]) & valid
     xor = (sb ^ sa).astype(np.float32)
     return np.clip(_nan_gaussian(xor, valid, smooth_px / 2), 0, 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SceneStatistics:
+    """Scene-wide figures the change score is relative to (see :func:`change_layers`).
+
+    ``difference`` is the (median, robust spread) of the smoothed colour
+    difference on unchanged-pattern pixels; ``vegetation`` the (median, spread)
+    of each date's smoothed excess-green index (None for fewer than 3 bands);
+    ``shadow`` each date's cast-shadow luminance threshold.
+    """
+
+    difference: tuple[float, float]
+    vegetation: tuple[tuple[float, float], tuple[float, float]] | None
+    shadow: tuple[float, float]
+
+    def as_dict(self) -> dict:
+        return {"difference_median": round(self.difference[0], 6), "difference_spread": round(self.difference[1], 6)}
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    diff: np.ndarray
+    ssim: np.ndarray
+    cs: np.ndarray
+    ok: np.ndarray
+    diff_s: np.ndarray
+    exg: tuple[np.ndarray, np.ndarray] | None
+    lum: tuple[np.ndarray, np.ndarray]
+    smooth_px: float
+
+
+def _evidence(
+    before: np.ndarray, after: np.ndarray, valid: np.ndarray, *, pixel_size: float, ssim_sigma_m: float,
+    smooth_m: float, center: float | None,
+) -> _Evidence:
+    if before.ndim != 3:
+        raise ValueError("before and after must be (bands, rows, cols) arrays")
+    if pixel_size <= 0:
+        raise ValueError("pixel_size must be > 0")
+    b32 = before.astype(np.float32, copy=False)
+    a32 = after.astype(np.float32, copy=False)
+    diff = difference_magnitude(b32, a32, valid=valid)
+    sigma_px = max(1.5, ssim_sigma_m / pixel_size)
+    lb, la = luminance(b32), luminance(a32)
+    ssim, cs = ssim_components(lb, la, valid=valid, sigma=sigma_px, center=center)
+    ok = valid & np.isfinite(ssim)
+    smooth_px = smooth_m / pixel_size
+    diff_s = _nan_gaussian(diff, ok, smooth_px)
+    exg = None
+    if before.shape[0] >= 3:
+        exg = tuple(_nan_gaussian(excess_green(img), ok, smooth_px) for img in (b32, a32))
+    return _Evidence(diff, ssim, cs, ok, diff_s, exg, (lb, la), smooth_px)
+
+
+def change_halo(pixel_size: float, *, ssim_sigma_m: float = 0.75, smooth_m: float = 1.0) -> int:
+    """Reach, in pixels, of :func:`change_layers` (SSIM window, then the smoothing)."""
+    sigma_px = max(1.5, ssim_sigma_m / pixel_size)
+    return int(np.ceil(3.5 * sigma_px)) + int(np.ceil(4.0 * smooth_m / pixel_size)) + 2
+
+
+def scene_samples(
+    before: np.ndarray,
+    after: np.ndarray,
+    *,
+    valid: np.ndarray | None = None,
+    rows: slice = slice(None),
+    cols: slice = slice(None),
+    pixel_size: float = 1.0,
+    ssim_sigma_m: float = 0.75,
+    smooth_m: float = 1.0,
+    center: float | None = None,
+) -> dict[str, np.ndarray]:
+    """The pixel values of ``[rows, cols]`` that :func:`scene_statistics` is computed from.
+
+    Pass the rows of a strip (its core, the rest being its halo); samples of
+    many strips, concatenated in row order, give the statistics of the scene.
+    """
+    valid = _check_pair(before, after, valid)
+    ev = _evidence(before, after, valid, pixel_size=pixel_size, ssim_sigma_m=ssim_sigma_m,
+                   smooth_m=smooth_m, center=center)
+    win = (rows, cols)
+    ok = ev.ok[win]
+    stable = ok & (np.nan_to_num(ev.cs[win], nan=0.0) >= 0.8)
+    out = {
+        "difference_stable": ev.diff_s[win][stable],
+        "difference": ev.diff_s[win][ok],
+        "luminance_before": ev.lum[0][win][ok],
+        "luminance_after": ev.lum[1][win][ok],
+    }
+    if ev.exg is not None:
+        out["vegetation_before"] = ev.exg[0][win][ok]
+        out["vegetation_after"] = ev.exg[1][win][ok]
+    return out
+
+
+def scene_statistics(samples: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> SceneStatistics:
+    """Scene statistics from :func:`scene_samples` (one dict, or a list in row order)."""
+    if isinstance(samples, dict):
+        samples = [samples]
+
+    def cat(key: str) -> np.ndarray | None:
+        parts = [s[key] for s in samples if key in s]
+        return np.concatenate(parts) if parts else None
+
+    stable = cat("difference_stable")
+    diff = cat("difference")
+    diff_values = stable if stable is not None and stable.size >= 100 else diff
+    vb, va = cat("vegetation_before"), cat("vegetation_after")
+    veg = None if vb is None else (_robust_noise(vb), _robust_noise(va))
+    return SceneStatistics(
+        difference=_robust_noise(diff_values if diff_values is not None else np.zeros(0)),
+        vegetation=veg,
+        shadow=(shadow_threshold(cat("luminance_before")), shadow_threshold(cat("luminance_after"))),
+    )
 
 
 def change_layers(
@@ -288,6 +433,8 @@ def change_layers(
     vegetation_z: tuple[float, float] = (2.5, 5.0),
     structure_weight: float = 0.75,
     shadow_damping: float = 0.0,
+    statistics: SceneStatistics | None = None,
+    center: float | None = None,
 ) -> ChangeLayers:
     """Difference, SSIM and the fused change score of two normalised images.
 
@@ -323,6 +470,13 @@ def change_layers(
         How much of the score is removed where a pixel is in cast shadow on exactly
         one date (0: none, the default, 1: all). Off by default because a collapsed
         building also loses its shadow: damping removes real evidence.
+    statistics : SceneStatistics, optional
+        The scene's no-change statistics (:func:`scene_statistics`); by default
+        measured on these images. Give them when the images are a strip of a
+        larger scene: every pixel then depends only on the images within
+        :func:`change_halo` of it.
+    center : float, optional
+        SSIM's centring constant (see :func:`ssim_components`).
 
     Returns
     -------
@@ -337,49 +491,42 @@ def change_layers(
     mean of the two smoothed terms, times ``1 - vegetation``.
     """
     valid = _check_pair(before, after, valid)
-    if before.ndim != 3:
-        raise ValueError("before and after must be (bands, rows, cols) arrays")
-    if pixel_size <= 0:
-        raise ValueError("pixel_size must be > 0")
-    b32 = before.astype(np.float32, copy=False)
-    a32 = after.astype(np.float32, copy=False)
-    diff = difference_magnitude(b32, a32, valid=valid)
-    sigma_px = max(1.5, ssim_sigma_m / pixel_size)
-    ssim, cs = ssim_components(luminance(b32), luminance(a32), valid=valid, sigma=sigma_px)
-    ok = valid & np.isfinite(ssim)
-
-    smooth_px = smooth_m / pixel_size
-    diff_s = _nan_gaussian(diff, ok, smooth_px)
-    # The no-change noise of the colour difference is measured where the local
-    # pattern is unchanged (cs high), so that it holds when much of the scene changed.
-    stable = ok & (np.nan_to_num(cs, nan=0.0) >= 0.8)
-    med, spread = _robust_noise(diff_s[stable] if stable.sum() >= 100 else diff_s[ok])
-    z = np.maximum(diff_s - med, 0) / (0.5 * difference_z * spread)
+    ev = _evidence(before, after, valid, pixel_size=pixel_size, ssim_sigma_m=ssim_sigma_m,
+                   smooth_m=smooth_m, center=center)
+    if statistics is None:
+        statistics = scene_statistics(
+            scene_samples(before, after, valid=valid, pixel_size=pixel_size, ssim_sigma_m=ssim_sigma_m,
+                          smooth_m=smooth_m, center=center)
+        )
+    ok, smooth_px = ev.ok, ev.smooth_px
+    med, spread = statistics.difference
+    z = np.maximum(ev.diff_s - med, 0) / (0.5 * difference_z * spread)
     d_term = (1 - np.exp(-0.5 * z * z)).astype(np.float32)
 
-    s_term = _nan_gaussian(np.where(ok, np.clip(1 - cs, 0, 1), 0).astype(np.float32), ok, smooth_px)
+    s_term = _nan_gaussian(np.where(ok, np.clip(1 - ev.cs, 0, 1), 0).astype(np.float32), ok, smooth_px)
 
-    if before.shape[0] >= 3:
-        z = [_robust_z(_nan_gaussian(excess_green(img), ok, smooth_px), ok) for img in (b32, a32)]
-        veg = _smoothstep(np.maximum(z[0], z[1]), *vegetation_z).astype(np.float32)
+    if ev.exg is not None and statistics.vegetation is not None:
+        zs = [((e - m) / sp).astype(e.dtype, copy=False)
+              for e, (m, sp) in zip(ev.exg, statistics.vegetation, strict=True)]
+        veg = _smoothstep(np.maximum(zs[0], zs[1]), *vegetation_z).astype(np.float32)
     else:
         veg = np.zeros(ok.shape, np.float32)
 
-    shadow = shadow_change(luminance(b32), luminance(a32), valid=ok, smooth_px=smooth_px)
+    shadow = shadow_change(ev.lum[0], ev.lum[1], valid=ok, smooth_px=smooth_px, thresholds=statistics.shadow)
     w = np.float32(structure_weight)
     fused = np.power(np.clip(s_term, 0, 1), w) * np.power(np.clip(d_term, 0, 1), 1 - w)
     score = fused * (1 - veg) * (1 - np.float32(shadow_damping) * shadow)
     nan = np.float32(np.nan)
     return ChangeLayers(
-        difference=np.where(ok, diff, nan),
-        ssim=np.where(ok, ssim, nan),
+        difference=np.where(ok, ev.diff, nan),
+        ssim=np.where(ok, ev.ssim, nan),
         structure_loss=np.where(ok, s_term, nan),
         difference_evidence=np.where(ok, d_term, nan),
         vegetation=np.where(ok, veg, nan),
         shadow_change=np.where(ok, shadow, nan).astype(np.float32),
         score=np.where(ok, score, nan).astype(np.float32),
         valid=ok,
-        noise={"difference_median": round(med, 6), "difference_spread": round(spread, 6)},
+        noise=statistics.as_dict(),
     )
 
 

@@ -55,9 +55,12 @@ class Dates(_Strict):
 
 
 class Output(_Strict):
-    """Where the outputs go."""
+    """Where the outputs go, and which optional layers are written."""
 
     dir: Path | None = None
+    #: Also write each term of the change score as a COG (structure_loss,
+    #: difference_evidence, vegetation, shadow_change), to explain the fusion.
+    write_layers: bool = False
 
 
 class Coregister(_Strict):

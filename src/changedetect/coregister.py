@@ -97,6 +97,7 @@ __all__ = [
     "estimate_shift",
     "estimate_shift_tiles",
     "prepare",
+    "reframe",
     "register",
 ]
 
@@ -2759,3 +2760,43 @@ def apply_shift(
     )[None, :]
     out[:, ~ok] = fill_value
     return (out if arr.ndim == 3 else out[0]), ok
+
+
+class _ReframedField:
+    """A displacement field seen in another pixel frame (see :func:`reframe`)."""
+
+    def __init__(self, base: Any, scale: float, offset: np.ndarray) -> None:
+        self.base, self.scale, self.offset = base, float(scale), np.asarray(offset, np.float64)
+        self.smoothing = base.smoothing
+        self._rbf = base._rbf
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        a, (b0, b1) = self.scale, self.offset
+        return self.base(a * np.ravel(rows) + b0, a * np.ravel(cols) + b1) / a
+
+
+def reframe(model: GeometricModel, scale: float = 1.0, offset: ArrayLike = (0.0, 0.0)) -> GeometricModel:
+    """The same geometric model in another pixel frame.
+
+    ``model`` works in frame B; the new frame N is related to it by
+    ``p_B = scale * p_N + offset`` (``p = (row, col)``, the same in both
+    images). Used to apply a model estimated on an averaged copy of the images
+    (``scale = 1 / f``, ``offset = -(f - 1) / (2 f)`` for ``f x f`` pixel
+    blocks) and to apply a model to a window of the grid (``scale = 1``,
+    ``offset = (row0, col0)``).
+
+    Examples
+    --------
+    >>> m = GeometricModel.translation(1.5, -2.0)
+    >>> [float(v) for v in reframe(m, 0.5, (-0.25, -0.25)).displacement(10.0, 10.0)]
+    [3.0, -4.0]
+    """
+    a = float(scale)
+    if a <= 0:
+        raise ValueError("scale must be > 0")
+    b = np.asarray(offset, np.float64).reshape(2)
+    lin = model.matrix[:, :2]
+    t = model.matrix[:, 2]
+    matrix = np.column_stack([lin, (lin @ b + t - b) / a])
+    field = None if model.field is None else _ReframedField(model.field, a, b)
+    return GeometricModel(model.kind, matrix, field)

@@ -248,6 +248,7 @@ _RESAMPLING = {
     "cubic": Resampling.cubic,
     "cubic_spline": Resampling.cubic_spline,
     "lanczos": Resampling.lanczos,
+    "average": Resampling.average,
 }
 
 
@@ -259,6 +260,7 @@ def warp_to_grid(
     resampling: str = "cubic",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int = 2,
+    check: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, str, float | None]:
     """Resample bands of a raster onto ``grid`` in one warp from the file's pixels.
 
@@ -279,7 +281,8 @@ def warp_to_grid(
     path = Path(path)
     with open_raster(path, max_pixels=max_pixels) as src:
         indexes = _check_bands(path, src.count, bands)
-        _check_readable(src, path, indexes)
+        if check:
+            _check_readable(src, path, indexes)
         out = np.full((len(indexes), grid.height, grid.width), np.nan, dtype=np.float32)
         try:
             for i, bidx in enumerate(indexes):
@@ -638,6 +641,7 @@ def warp_with_model(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int = 2,
     node_spacing: int = 16,
+    check: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, str, float | None]:
     """Resample bands of a raster onto ``grid`` through a co-registration model, once.
 
@@ -659,6 +663,10 @@ def warp_with_model(
     ``(s - 1) / 2`` source pixels for a scale ratio ``s`` above 1.2) against
     aliasing. Bands and row blocks are processed in ``num_threads`` threads.
 
+    ``check=False`` skips decoding the whole source once first to catch read
+    errors (:func:`check_readable`), for callers that warp a file in many
+    windows and checked it once.
+
     Returns
     -------
     As :func:`warp_to_grid`.
@@ -678,14 +686,14 @@ def warp_with_model(
         dst = Grid(grid.crs, grid.transform * pixel, grid.width, grid.height)
         return warp_to_grid(
             path, dst, bands=bands, resampling=resampling, max_pixels=max_pixels,
-            num_threads=num_threads,
+            num_threads=num_threads, check=check,
         )
-    return _warp_field(path, grid, model, bands, resampling, max_pixels, node_spacing, num_threads)
+    return _warp_field(path, grid, model, bands, resampling, max_pixels, node_spacing, num_threads, check)
 
 
 def _warp_field(
     path: str | os.PathLike, grid: Grid, model: Any, bands: list[int] | None,
-    resampling: str, max_pixels: int, node_spacing: int, num_threads: int = 2,
+    resampling: str, max_pixels: int, node_spacing: int, num_threads: int = 2, check: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, str, float | None]:
     import math
 
@@ -702,7 +710,8 @@ def _warp_field(
     xs, ys = grid.transform * (sc + 0.5, sr + 0.5)
     with open_raster(path, max_pixels=max_pixels) as src:
         indexes = _check_bands(path, src.count, bands)
-        _check_readable(src, path, indexes)
+        if check:
+            _check_readable(src, path, indexes)
         if src.crs != rasterio.crs.CRS.from_user_input(grid.crs):
             xs, ys = transform_points(grid.crs, src.crs, xs.ravel(), ys.ravel())
             xs = np.asarray(xs).reshape(rr.shape)
@@ -714,7 +723,10 @@ def _warp_field(
         step = max(float(nr[1] - nr[0]) if nr.size > 1 else 1.0, 1.0)
         span = np.hypot(np.diff(node_r, axis=0), np.diff(node_c, axis=0)) / step if nr.size > 1 else np.ones(1)
         ratio = float(np.median(span)) if span.size else 1.0
-        margin = 4 + int(math.ceil(2 * max(ratio, 1.0)))
+        # The cubic B-spline prefilter is recursive: 16 extra source pixels make
+        # its values inside the window those of the whole image (to ~1e-9), so a
+        # warp done in strips equals one done at once.
+        margin = 20 + int(math.ceil(2 * max(ratio, 1.0)))
         r0 = max(int(math.floor(np.nanmin(node_r))) - margin, 0)
         c0 = max(int(math.floor(np.nanmin(node_c))) - margin, 0)
         r1 = min(int(math.ceil(np.nanmax(node_r))) + margin + 1, src.height)
@@ -781,3 +793,157 @@ def _warp_field(
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         list(pool.map(block, range(0, rows, chunk)))
     return out, valid, dtype, nodata
+
+
+def check_readable(path: str | os.PathLike, *, bands: list[int] | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Decode every pixel of ``bands`` once; DataError naming the file on a read error."""
+    path = Path(path)
+    with open_raster(path, max_pixels=max_pixels) as src:
+        _check_readable(src, path, _check_bands(path, src.count, bands))
+
+
+@contextlib.contextmanager
+def gdal_env(cache_mb: int = 256) -> Iterator[None]:
+    """GDAL settings of a run: a bounded block cache (GDAL's default is 5 % of RAM), internal masks."""
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_TIFF_INTERNAL_MASK=True):
+        yield
+
+
+class RasterReader:
+    """Windows of an open raster as float32 scaled to about [0, 1] (see :func:`read_grid`).
+
+    Use as a context manager; ``scale`` as in :func:`read_grid` (by default 255
+    for 8-bit data, else the 99.9th percentile of a decimated read).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, bands: list[int] | None = None,
+                 scale: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.path = Path(path)
+        self._stack = contextlib.ExitStack()
+        self._src = self._stack.enter_context(open_raster(self.path, max_pixels=max_pixels))
+        self.indexes = _check_bands(self.path, self._src.count, bands)
+        if scale is None:
+            scale = _scale_for(self._src.dtypes[0])
+        if scale is None:
+            step = max(1, int(np.sqrt(self._src.width * self._src.height / 4e6)))
+            shape = (len(self.indexes), max(1, self._src.height // step), max(1, self._src.width // step))
+            data, valid = self._read(None, out_shape=shape)
+            scale = _robust_scale(data, valid)
+        self.scale = float(scale)
+
+    def __enter__(self) -> RasterReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._src.height, self._src.width
+
+    def _read(self, win: Any, out_shape: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            data = self._src.read(self.indexes, window=win, out_dtype="float32", out_shape=out_shape)
+            masks = self._src.read_masks(self.indexes, window=win, out_shape=out_shape)
+        except RasterioError as exc:
+            raise _unreadable(self.path, exc) from exc
+        valid = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+        return data, valid
+
+    def read(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[r0, r1)``, columns ``[c0, c1)``: scaled bands (0 where invalid) and the valid mask."""
+        from rasterio.windows import Window
+
+        c1 = self._src.width if c1 is None else c1
+        data, valid = self._read(Window(c0, r0, c1 - c0, r1 - r0))
+        data /= np.float32(self.scale)
+        data[:, ~valid] = 0.0
+        return data, valid
+
+    def read_raw(self, r0: int, r1: int, c0: int = 0, c1: int | None = None,
+                 out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`read` but unscaled, NaN where invalid; optionally decimated (average)."""
+        from rasterio.windows import Window
+
+        c1 = self._src.width if c1 is None else c1
+        shape = None if out_shape is None else (len(self.indexes), *out_shape)
+        data, valid = self._read(Window(c0, r0, c1 - c0, r1 - r0), out_shape=shape)
+        data[:, ~valid] = np.nan
+        return data, valid
+
+
+class StripWriter:
+    """A raster written in row strips, then turned into a COG (:func:`write_cog`'s format).
+
+    The strips go to a hidden tiled GeoTIFF next to ``path``; :meth:`finish`
+    copies it to ``path`` as a Cloud-Optimized GeoTIFF (atomically) and deletes
+    it; :meth:`abort` deletes it.
+    """
+
+    def __init__(self, path: str | os.PathLike, grid: Grid, *, count: int, dtype: str,
+                 nodata: float | None = None, mask: bool = False, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise OutputExistsError(f"{self.path}: exists (use --overwrite to replace it)")
+        self.grid, self.count, self.dtype, self.nodata, self.mask = grid, count, dtype, nodata, mask
+        self.overwrite = overwrite
+        self.tmp = self.path.with_name(f".{self.path.name}.strips.tif")
+        profile = {
+            "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count, "dtype": dtype,
+            "crs": grid.crs, "transform": grid.transform, "nodata": nodata, "tiled": True,
+            "blockxsize": 256, "blockysize": 256, "bigtiff": "IF_SAFER",
+        }
+        self._dst = rasterio.open(self.tmp, "w+", **profile)
+
+    def read(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` written so far, ``(count, rows, cols)``."""
+        from rasterio.windows import Window
+
+        return self._dst.read(window=Window(0, r0, self.grid.width, r1 - r0))
+
+    def write(self, r0: int, array: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Write rows from ``r0`` (``(count, rows, cols)`` or 2-D ``array``)."""
+        from rasterio.windows import Window
+
+        if array.ndim == 2:
+            array = array[np.newaxis]
+        win = Window(0, r0, self.grid.width, array.shape[1])
+        self._dst.write(array.astype(self.dtype, copy=False), window=win)
+        if self.mask:
+            m = np.ones(array.shape[1:], bool) if valid is None else valid
+            self._dst.write_mask(np.where(m, 255, 0).astype(np.uint8), window=win)
+
+    def finish(self, *, tags: dict[str, Any] | None = None, descriptions: list[str] | None = None,
+               colorinterp: list[str] | None = None, predictor: int | None = None) -> Path:
+        """Close the strips and write ``path`` as a COG; returns ``path``."""
+        if tags:
+            self._dst.update_tags(**{k: _tag_text(v) for k, v in tags.items()})
+        for i, desc in enumerate(descriptions or [], start=1):
+            self._dst.set_band_description(i, desc)
+        if colorinterp:
+            from rasterio.enums import ColorInterp
+
+            self._dst.colorinterp = [ColorInterp[c] for c in colorinterp]
+        self._dst.close()
+        if predictor is None:
+            predictor = 3 if np.issubdtype(np.dtype(self.dtype), np.floating) else 2
+        try:
+            with atomic_output(self.path, overwrite=self.overwrite) as tmp:
+                rasterio.shutil.copy(self.tmp, tmp, driver="COG", predictor=predictor, **COG_OPTIONS)
+        finally:
+            self._cleanup()
+        return self.path
+
+    def _cleanup(self) -> None:
+        if not self._dst.closed:
+            self._dst.close()
+        for p in (self.tmp, self.tmp.with_name(self.tmp.name + ".msk")):
+            p.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Discard everything written."""
+        self._cleanup()

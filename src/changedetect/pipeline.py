@@ -30,11 +30,12 @@ from . import __version__, io
 from . import change as change_mod
 from . import coregister as coreg
 from . import damage as damage_mod
+from . import streaming
 from .config import PipelineConfig
 from .errors import ChangeDetectWarning, ConfigError, CoregistrationWarning, DataError, NoOverlapError
 from .grid import Grid
 from .provenance import MANIFEST_NAME, build_manifest, command_line, utc_now
-from .radiometry import normalize
+from .tiling import STRIP_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +121,6 @@ def _rasterize(geoms: list, grid: Grid, values: list[int] | None = None) -> np.n
     return rasterize(shapes, out_shape=grid.shape, transform=grid.transform, fill=0, dtype="int32")
 
 
-def _luminance_ssim(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> float:
-    ssim, _ = change_mod.ssim_components(change_mod.luminance(a), change_mod.luminance(b), valid=valid)
-    vals = ssim[np.isfinite(ssim)]
-    return round(float(vals.mean()), 4) if vals.size else float("nan")
-
-
 # --------------------------------------------------------------------------- steps
 def coregister_pair(
     before_path: Path,
@@ -144,194 +139,38 @@ def coregister_pair(
     tie_spacing: int | None = None,
     tie_points_path: Path | None = None,
     apply_bands: list[int] | None = None,
+    estimation_pixels: int = streaming.COREG_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[str, float | None]]:
-    """Warp the after image onto ``grid`` through a fitted co-registration model.
+    """Warp the after image onto ``grid`` through a fitted co-registration model, in memory.
 
-    The after image is first warped onto ``grid`` (any CRS and pixel size) to
-    measure tie points against the before image; a translation, affine or smooth
-    displacement-field model is chosen by cross-validation
-    (:func:`changedetect.coregister.register`) and the after image is then
-    resampled once more *from its original pixels* through that model (one
-    resampling in the product). ``model`` caps the richest model allowed;
-    ``tie_window`` / ``tie_spacing`` override the tie-point grid.
+    :func:`changedetect.streaming.estimate_alignment`, then one resampling of the
+    after image *from its original pixels* through the model. ``model`` caps
+    the richest model allowed; ``tie_window`` / ``tie_spacing`` override the
+    tie-point grid. With ``tie_points_path``, the tie points are written there
+    (GeoJSON, EPSG:4326).
 
-    When the model cannot be confirmed, a :class:`CoregistrationWarning` is issued,
-    the report says ``reliable: false``, and the safest model (the global
-    translation if confirmed, else no correction) is applied.
-
-    With ``tie_points_path``, the tie points are written there (GeoJSON,
-    EPSG:4326). Returns the corrected after image (``apply_bands``, default
-    ``bands``) in source units (NaN where no data), its valid mask, the
-    co-registration report, and the source (dtype, nodata).
+    Returns the corrected after image (``apply_bands``, default ``bands``) in
+    source units (NaN where no data), its valid mask, the co-registration
+    report, and the source (dtype, nodata). For scenes of any size, the
+    pipeline writes the aligned image strip by strip instead
+    (:func:`changedetect.streaming.write_aligned`).
     """
-    if reference is None:
-        before, bvalid, _ = io.read_grid(before_path, bands=bands, max_pixels=max_pixels)
-    else:
-        before, bvalid = reference
-    raw, avalid, dtype, nodata = io.warp_to_grid(
-        after_path, grid, bands=bands, resampling=resampling, max_pixels=max_pixels
-    )
-    if not avalid.any():
-        raise DataError(f"{after_path}: has no valid pixel over the before image")
-    if not (avalid & bvalid).any():
-        raise NoOverlapError(f"{after_path}: no pixel has data in both images")
-    scale = 255.0 if np.dtype(dtype) == np.uint8 else io._robust_scale(np.nan_to_num(raw), avalid)
-    res_x, res_y = grid.res
-    pixel_m = math.sqrt(res_x * res_y)
-    report: dict[str, Any] = {
-        "method": "masked coarse-to-fine phase correlation, tie-point model chosen by cross-validation",
-        "enabled": enabled,
-        "reference_grid": grid.as_dict(),
-        "resampling": resampling,
-        "max_shift_px": max_shift_px,
-    }
-    if not enabled:
-        report.update({"shift_px": {"dy": 0.0, "dx": 0.0}, "reliable": None, "model": "none",
-                       "position_uncertainty_m": None})
-        if tie_points_path is not None:
-            _write_tie_points(tie_points_path, None, grid)
-        if apply_bands is not None and list(apply_bands) != list(bands):
-            raw, avalid, _, _ = io.warp_to_grid(
-                after_path, grid, bands=apply_bands, resampling=resampling, max_pixels=max_pixels
-            )
-        return raw, avalid, report, (dtype, nodata)
-    moving = np.nan_to_num(raw) / np.float32(scale)
-    reg = coreg.register(
-        before, moving, reference_valid=bvalid, moving_valid=avalid, max_shift=max_shift_px,
-        upsample_factor=upsample, model=model, window=tie_window, spacing=tie_spacing,
-    )
-    est = reg.shift
-    aligned, svalid, _, _ = io.warp_with_model(
-        after_path, grid, reg.model, bands=bands, resampling=resampling, max_pixels=max_pixels
-    )
-    centre = ((grid.height - 1) / 2.0, (grid.width - 1) / 2.0)
-    dy, dx = (float(v) for v in reg.model.displacement(*centre))
-    gdy, gdx = float(est.dy), float(est.dx)
-    common_raw = bvalid & avalid
-    common_new = bvalid & svalid
-    stable = _stable_area(reg, grid.shape)
-    ssim_raw = _ssim_map(before, moving, common_raw)
-    ssim_new = _ssim_map(before, np.nan_to_num(aligned) / np.float32(scale), common_new)
-    rmse = reg.rmse if math.isfinite(reg.rmse) else float("nan")
-    if reg.reliable and math.isfinite(rmse):
-        uncertainty_m = rmse * pixel_m
-    else:
-        # Unconfirmed: a misalignment up to the search range cannot be excluded.
-        uncertainty_m = max_shift_px * pixel_m
-    details = reg.as_dict(grid.shape)
-    report.update(
-        {
-            "model": reg.model.kind,
-            "parameters": details["parameters"],
-            "model_selection": details["candidates"],
-            "notes": details["notes"],
-            "estimate": est.as_dict(),
-            "global_shift_px": {"dy": _round(gdy), "dx": _round(gdx)},
-            "global_shift_m": {"north": _round(-gdy * res_y), "east": _round(gdx * res_x)},
-            "shift_px": {"dy": round(dy, 4), "dx": round(dx, 4)},
-            "shift_m": {"north": round(-dy * res_y, 4), "east": round(dx * res_x, 4)},
-            "shift_magnitude_px": round(math.hypot(dy, dx), 4),
-            "tie_points": {
-                "measured": 0 if reg.tie_points is None else len(reg.tie_points),
-                "used": reg.n_used, "rejected": reg.n_rejected,
-                "window_px": reg.window, "spacing_px": reg.spacing,
-            },
-            "residual_rmse_px": _round(rmse),
-            "residual_rmse_m": _round(rmse * pixel_m),
-            "fit_rmse_px": _round(reg.fit_rmse),
-            "position_uncertainty_m": round(uncertainty_m, 4),
-            "reliable": bool(reg.reliable),
-            "ssim_before_correction": _mean_over(ssim_raw, common_raw),
-            "ssim_after_correction": _mean_over(ssim_new, common_new),
-            "ssim_stable_before_correction": _mean_over(ssim_raw, common_raw & stable),
-            "ssim_stable_after_correction": _mean_over(ssim_new, common_new & stable),
-        }
+    align = streaming.estimate_alignment(
+        before_path, after_path, grid=grid, bands=bands, max_shift_px=max_shift_px, upsample=upsample,
+        resampling=resampling, max_pixels=max_pixels, enabled=enabled, reference=reference, model=model,
+        tie_window=tie_window, tie_spacing=tie_spacing, estimation_pixels=estimation_pixels,
+        keep_aligned=apply_bands is None or list(apply_bands) == list(bands),
     )
     if tie_points_path is not None:
-        _write_tie_points(tie_points_path, reg.tie_points, grid)
-    if apply_bands is not None and list(apply_bands) != list(bands):
-        aligned, svalid, _, _ = io.warp_with_model(
-            after_path, grid, reg.model, bands=apply_bands, resampling=resampling, max_pixels=max_pixels
-        )
-    if not reg.reliable:
-        why = "; ".join(reg.notes) or "the tie points do not confirm it"
-        warnings.warn(
-            f"{after_path}: co-registration is not reliable ({why}); {reg.model.kind} model applied, "
-            f"shift ({dy:.2f}, {dx:.2f}) px at the centre: check the alignment",
-            CoregistrationWarning,
-            stacklevel=2,
-        )
-    return aligned, svalid, report, (dtype, nodata)
-
-
-def _uncertainty_columns(area_m2: float, uncertainty_m: float | None) -> dict[str, Any]:
-    """``position_uncertainty_m`` of a damage polygon, and ``below_uncertainty``.
-
-    A polygon is below the uncertainty when its area is smaller than the disc of
-    radius ``position_uncertainty_m``: its position is then less certain than its
-    size. Without co-registration the uncertainty is unknown (NaN, not flagged).
-    """
-    if uncertainty_m is None or not math.isfinite(float(uncertainty_m)):
-        return {"position_uncertainty_m": float("nan"), "below_uncertainty": False}
-    u = float(uncertainty_m)
-    return {"position_uncertainty_m": round(u, 3), "below_uncertainty": bool(area_m2 < math.pi * u * u)}
-
-
-def _round(value: float, digits: int = 4) -> float | None:
-    return round(float(value), digits) if math.isfinite(value) else None
-
-
-def _ssim_map(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    ssim, _ = change_mod.ssim_components(change_mod.luminance(a), change_mod.luminance(b), valid=valid)
-    return ssim
-
-
-def _mean_over(values: np.ndarray, mask: np.ndarray) -> float | None:
-    vals = values[mask & np.isfinite(values)]
-    return round(float(vals.mean()), 4) if vals.size else None
-
-
-def _stable_area(reg: coreg.Registration, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels of the windows of the accepted tie points (content that matches in both dates)."""
-    out = np.zeros(shape, bool)
-    tp = reg.tie_points
-    if tp is None:
-        return out
-    half = reg.window / 2.0
-    for r, c in zip(tp.row[tp.accepted], tp.col[tp.accepted], strict=True):
-        r0, c0 = max(int(round(r - half + 0.5)), 0), max(int(round(c - half + 0.5)), 0)
-        out[r0 : r0 + reg.window, c0 : c0 + reg.window] = True
-    return out
-
-
-def _write_tie_points(path: Path, tp: coreg.TiePoints | None, grid: Grid) -> None:
-    """tie_points.geojson: one point per tie window, its shift and whether the model used it."""
-    import geopandas as gpd
-    from shapely.geometry import Point
-
-    cols = ("row", "col", "dy_px", "dx_px", "peak_ratio", "reliability", "similarity", "residual_px",
-            "n_valid", "accepted")
-    if tp is None or len(tp) == 0:
-        gdf = gpd.GeoDataFrame({k: [] for k in cols}, geometry=[], crs=grid.crs)
-    else:
-        xs, ys = grid.transform * (tp.col + 0.5, tp.row + 0.5)
-        ratio = np.asarray(tp.peak_ratio, float)
-        nan = np.full(len(tp), np.nan)
-        gdf = gpd.GeoDataFrame(
-            {
-                "row": np.round(tp.row, 2), "col": np.round(tp.col, 2),
-                "dy_px": np.round(tp.dy, 4), "dx_px": np.round(tp.dx, 4),
-                "peak_ratio": np.round(ratio, 3),
-                "reliability": np.round(np.clip(1.0 - 1.0 / np.maximum(ratio, 1e-9), 0.0, 1.0), 4),
-                "similarity": np.round(tp.similarity if tp.similarity is not None else nan, 4),
-                "residual_px": np.round(tp.residual if tp.residual is not None else nan, 4),
-                "n_valid": np.asarray(tp.n_valid, int),
-                "accepted": np.asarray(tp.accepted, bool),
-            },
-            geometry=[Point(x, y) for x, y in zip(np.atleast_1d(xs), np.atleast_1d(ys), strict=True)],
-            crs=grid.crs,
-        )
-    io.write_vector(path, gdf, layer="tie_points")
+        streaming.write_tie_points(tie_points_path, align)
+    if align.aligned is not None:
+        aligned, svalid = align.aligned
+        return aligned, svalid, align.report, (align.dtype, align.nodata)
+    aligned, svalid, _, _ = io.warp_with_model(
+        after_path, grid, align.model, bands=apply_bands or bands, resampling=resampling,
+        max_pixels=max_pixels, check=False,
+    )
+    return aligned, svalid, align.report, (align.dtype, align.nodata)
 
 
 def _site_checks(sites: Any, damage: Any, default_radius: float) -> list[dict[str, Any]]:
@@ -381,8 +220,21 @@ def evaluate_polygons(damage: Any, truth: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- run
-def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool = False) -> RunResult:
-    """Run the whole chain for one pair and write every output (see module docstring)."""
+def run(
+    config: PipelineConfig,
+    *,
+    outdir: Path | None = None,
+    overwrite: bool = False,
+    write_layers: bool = False,
+    strip_pixels: int = STRIP_PIXELS,
+) -> RunResult:
+    """Run the whole chain for one pair and write every output (see module docstring).
+
+    ``write_layers`` also writes each term of the change score as a COG
+    (``structure_loss``, ``difference_evidence``, ``vegetation``,
+    ``shadow_change``). ``strip_pixels`` sizes the strips the scene is processed
+    in (memory grows with it; the outputs do not depend on it).
+    """
     import geopandas as gpd
     from shapely.geometry import box
 
@@ -406,152 +258,56 @@ def run(config: PipelineConfig, *, outdir: Path | None = None, overwrite: bool =
         raise DataError(f"{inputs.before}: the before image must be in a projected CRS (metres); reproject it first")
     pixel_size = math.sqrt(res[0] * res[1])
 
-    with io.OutputFolder(outdir, overwrite=overwrite) as out:
-        # 1-2. read, co-register on the full before grid (the after_coregistered product).
-        before_full, bvalid_full, bscale = io.read_grid(inputs.before, bands=bands, max_pixels=limit)
-        if not bvalid_full.any():
-            raise DataError(f"{inputs.before}: has no valid pixel")
-        after_full, avalid_full, report, (adtype, anodata) = coregister_pair(
-            inputs.before, inputs.after, grid=ref_grid, bands=bands,
-            max_shift_px=config.coregister.max_shift_px, upsample=config.coregister.upsample,
-            resampling=config.coregister.resampling, max_pixels=limit,
-            enabled=config.coregister.enabled, reference=(before_full, bvalid_full),
-            model=config.coregister.model, tie_window=config.coregister.tie_window,
-            tie_spacing=config.coregister.tie_spacing,
-            tie_points_path=out.file("tie_points.geojson"),
+    cfg_r = config.coregister
+    with io.gdal_env(), io.OutputFolder(outdir, overwrite=overwrite) as out:
+        # 1-2. co-register; the after image is warped once, strip by strip, into
+        # after_coregistered.tif, which every later step reads.
+        align = streaming.estimate_alignment(
+            inputs.before, inputs.after, grid=ref_grid, bands=bands, max_shift_px=cfg_r.max_shift_px,
+            upsample=cfg_r.upsample, resampling=cfg_r.resampling, max_pixels=limit, enabled=cfg_r.enabled,
+            model=cfg_r.model, tie_window=cfg_r.tie_window, tie_spacing=cfg_r.tie_spacing,
         )
-        _write_after(out.file("after_coregistered.tif"), after_full, avalid_full, ref_grid, adtype, config,
-                     colorinterp=_colorinterp(ainfo, bands))
-        ascale = 255.0 if np.dtype(adtype) == np.uint8 else io._robust_scale(np.nan_to_num(after_full), avalid_full)
-        after_full = np.nan_to_num(after_full) / np.float32(ascale)
-        valid_full = bvalid_full & avalid_full
+        report = align.report
+        streaming.write_tie_points(out.file("tie_points.geojson"), align)
+        tags = {"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters()}
+        after_path = streaming.write_aligned(
+            inputs.after, ref_grid, align.model, out.file("after_coregistered.tif"), bands=bands,
+            dtype=align.dtype, resampling=cfg_r.resampling, max_pixels=limit,
+            tags={**tags, "LAYER": "after image co-registered onto the before grid"},
+            colorinterp=_colorinterp(ainfo, bands),
+        )
 
-        # 3. radiometry over the whole common area.
-        # fitted on pixels whose local pattern did not change (see change.stable_mask).
-        stable = change_mod.stable_mask(
-            before_full, after_full, valid=valid_full, sigma=max(1.5, config.change.ssim_sigma_m / pixel_size)
-        )
-        after_norm, fit = normalize(
-            after_full, before_full, method=config.radiometry.method, valid=valid_full, fit=stable
-        )
-        del stable
-        del after_full
-
-        # footprint of common data, AOIs.
+        # AOIs, clipped to the area with data in both images.
         r0, c0, h, w = window
         footprint = box(*ref_grid.window_grid(r0, c0, h, w).bounds)
         aois = _read_aois(config, ref_grid, footprint)
-        aoi_raster = _rasterize(list(aois.geometry), ref_grid, list(range(1, len(aois) + 1)))
-        in_aoi = (aoi_raster > 0) & valid_full
-        if not in_aoi.any():
-            raise NoOverlapError(f"{inputs.aois}: AOIs cover no pixel with data in both images")
-        rows = np.flatnonzero(in_aoi.any(axis=1))
-        cols = np.flatnonzero(in_aoi.any(axis=0))
-        halo = int(math.ceil(4 * max(config.change.smooth_m, config.change.ssim_sigma_m) / pixel_size)) + 8
-        wr0, wr1 = max(0, rows[0] - halo), min(ref_grid.height, rows[-1] + 1 + halo)
-        wc0, wc1 = max(0, cols[0] - halo), min(ref_grid.width, cols[-1] + 1 + halo)
-        sl = (slice(wr0, wr1), slice(wc0, wc1))
-        # output rasters cover the AOIs' bounding box only.
-        or0, or1, oc0, oc1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        out_grid = ref_grid.window_grid(or0, oc0, or1 - or0, oc1 - oc0)
-        inner = (slice(or0 - wr0, or1 - wr0), slice(oc0 - wc0, oc1 - wc0))
+        region = streaming.aoi_region(list(aois.geometry), ref_grid)
 
-        # 4. change layers over the AOI window (with a halo for the filters).
-        cfg_c = config.change
-        layers = change_mod.change_layers(
-            before_full[:, sl[0], sl[1]], after_norm[:, sl[0], sl[1]], valid=valid_full[sl],
-            pixel_size=pixel_size, ssim_sigma_m=cfg_c.ssim_sigma_m, smooth_m=cfg_c.smooth_m,
-            difference_z=cfg_c.difference_z, vegetation_z=tuple(cfg_c.vegetation_z),
-            structure_weight=cfg_c.structure_weight, shadow_damping=cfg_c.shadow_damping,
-        )
-        aoi_win = aoi_raster[or0:or1, oc0:oc1]
-        inside = (aoi_win > 0) & layers.valid[inner]
+        # 3-5. radiometry, change layers, threshold, objects (strip by strip).
+        with io.RasterReader(inputs.before, bands=bands, max_pixels=limit) as rb, \
+                io.RasterReader(after_path, scale=align.scale) as ra:
+            detector = streaming.Detector(rb, ra, ref_grid, config, strip_pixels=strip_pixels)
+            detector._reliable = report.get("reliable")
+            detector._uncertainty_m = report.get("position_uncertainty_m")
+            det = detector.run(region, aois, out.file, tags,
+                               write_layers=write_layers or config.output.write_layers)
+            damage = det.damage
+            io.write_vector(out.file("damage.geojson"), damage, layer="damage")
+            io.write_vector(out.file("aois.geojson"), aois, layer="aois")
 
-        def crop(a: np.ndarray) -> np.ndarray:
-            return np.where(inside, a[inner], np.nan).astype(np.float32)
-
-        score = crop(layers.score)
-        ssim = crop(layers.ssim)
-        diff = crop(layers.difference)
-        sloss = crop(layers.structure_loss)
-
-        # 5. threshold, clean, polygons.
-        cfg_d = config.damage
-        if cfg_d.threshold == "auto":
-            otsu = change_mod.threshold_otsu_valid(score, inside)
-            threshold = max(otsu, cfg_d.min_threshold)
-            threshold_info = {"method": "otsu", "otsu": round(otsu, 4), "floor": cfg_d.min_threshold}
-        else:
-            threshold = float(cfg_d.threshold)
-            threshold_info = {"method": "given"}
-        threshold_info["value"] = round(threshold, 4)
-        clean_args = {
-            "pixel_size": pixel_size, "open_radius_m": cfg_d.open_radius_m,
-            "close_radius_m": cfg_d.close_radius_m, "min_area_m2": cfg_d.min_area_m2,
-            "max_hole_m2": cfg_d.max_hole_m2,
-        }
-        mask = damage_mod.clean_mask(np.nan_to_num(score) >= threshold, **clean_args) & inside
-        if cfg_d.refine_boundaries:
-            mask = damage_mod.refine_boundaries(mask, score)
-            mask = damage_mod.clean_mask(mask, **clean_args) & inside
-        reliability = 1.0 if report.get("reliable") in (True, None) else 0.5
-        labels, objects = damage_mod.damage_objects(
-            mask, score=score, ssim=ssim, difference=diff, structure_loss=sloss,
-            threshold=threshold, pixel_size=pixel_size, reliability=reliability,
-        )
-        # AOI of each object: the AOI holding most of its pixels.
-        aoi_names = list(aois["name"])
-        attrs = []
-        for obj in objects:
-            sel = labels == obj.label
-            counts = np.bincount(aoi_win[sel], minlength=len(aoi_names) + 1)[1:]
-            attrs.append({
-                "id": obj.label, "aoi": aoi_names[int(counts.argmax())], "area_m2": obj.area_m2,
-                "score": obj.score, "score_max": obj.score_max, "mean_ssim": obj.mean_ssim,
-                "mean_difference": obj.mean_difference,
-                "structure_loss_fraction": obj.structure_loss_fraction,
-                "severity": obj.severity, "confidence": obj.confidence,
-                **_uncertainty_columns(obj.area_m2, report.get("position_uncertainty_m")),
-            })
-        from .polygonize import polygonize_labels
-
-        damage = polygonize_labels(labels, out_grid.transform, ref_grid.crs, attributes=attrs)
-        if len(damage) == 0:
-            damage = gpd.GeoDataFrame(
-                {k: [] for k in ("id", "aoi", "area_m2", "score", "score_max", "mean_ssim", "mean_difference",
-                                 "structure_loss_fraction", "severity", "confidence",
-                                 "position_uncertainty_m", "below_uncertainty")},
-                geometry=[], crs=ref_grid.crs,
-            )
-
-        # 6. outputs.
-        tags = {"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters()}
-        nan = float("nan")
-        io.write_cog(out.file("difference.tif"), diff, out_grid, nodata=nan, tags={**tags, "LAYER": "difference magnitude (RMS over bands, before-image units 0-1)"}, descriptions=["difference"])
-        io.write_cog(out.file("ssim.tif"), ssim, out_grid, nodata=nan, tags={**tags, "LAYER": "local SSIM of luminance"}, descriptions=["ssim"])
-        io.write_cog(out.file("score.tif"), score, out_grid, nodata=nan, tags={**tags, "LAYER": "change score 0-1", "THRESHOLD": threshold}, descriptions=["score"])
-        io.write_vector(out.file("damage.geojson"), damage, layer="damage")
-        io.write_vector(out.file("aois.geojson"), aois, layer="aois")
-
-        summary = _summary(config, aois, damage, aoi_win, ssim, pixel_size, threshold_info, report, fit, layers.noise)
-        if inputs.sites is not None:
-            sites = io.read_vector(inputs.sites, what="sites file").to_crs(ref_grid.crs)
-            sites = sites[sites.geometry.geom_type == "Point"]
-            summary["sites"] = _site_checks(sites, damage, cfg_d.site_radius_m)
-        if inputs.truth is not None:
-            truth = io.read_vector(inputs.truth, what="truth file").to_crs(ref_grid.crs)
-            summary["evaluation"] = evaluate_polygons(damage, truth)
-        io.write_json(out.file("coregistration.json"), report)
-        io.write_json(out.file("summary.json"), summary)
-
-        from .quicklook import quicklook
-
-        quicklook(
-            out.file("quicklook.png"),
-            before=before_full[:, or0:or1, oc0:oc1], after=after_norm[:, or0:or1, oc0:oc1],
-            score=score, threshold=threshold, grid=out_grid, damage=damage, aois=aois,
-            title=f"{config.name}: {len(damage)} damage polygon(s)",
-        )
+            summary = _summary(config, aois, damage, det.per_aoi, pixel_size, det.threshold_info, report,
+                               det.fit, det.noise)
+            if inputs.sites is not None:
+                sites = io.read_vector(inputs.sites, what="sites file").to_crs(ref_grid.crs)
+                sites = sites[sites.geometry.geom_type == "Point"]
+                summary["sites"] = _site_checks(sites, damage, config.damage.site_radius_m)
+            if inputs.truth is not None:
+                truth = io.read_vector(inputs.truth, what="truth file").to_crs(ref_grid.crs)
+                summary["evaluation"] = evaluate_polygons(damage, truth)
+            io.write_json(out.file("coregistration.json"), report)
+            io.write_json(out.file("summary.json"), summary)
+            _write_quicklook(out.file("quicklook.png"), rb, ra, out.file("score.tif"), det, aois, region,
+                             title=f"{config.name}: {len(damage)} damage polygon(s)")
 
         # styled layers, QGIS project, GeoPackage and report, made from the files above.
         from .publish import publish_outputs
@@ -673,40 +429,24 @@ def _colorinterp(info: io.RasterInfo, bands: list[int]) -> list[str] | None:
     return names or None
 
 
-def _write_after(
-    path: Path, arr: np.ndarray, valid: np.ndarray, grid: Grid, dtype: str, config: PipelineConfig,
-    *, colorinterp: list[str] | None = None,
-) -> None:
-    """after_coregistered.tif: the after image's bands on the before grid, source dtype."""
-    out = np.nan_to_num(arr)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        info = np.iinfo(np.dtype(dtype))
-        out = np.clip(np.rint(out), info.min, info.max)
-    io.write_cog(
-        path, out.astype(dtype), grid, nodata=None, valid=valid, colorinterp=colorinterp,
-        tags={"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters(),
-              "LAYER": "after image co-registered onto the before grid"},
-    )
-
-
-def _summary(config, aois, damage, aoi_win, ssim, pixel_size, threshold_info, report, fit, noise) -> dict[str, Any]:
+def _summary(config, aois, damage, per_aoi_stats, pixel_size, threshold_info, report, fit, noise) -> dict[str, Any]:
     px_area = pixel_size * pixel_size
     per_aoi = {}
     for i, name in enumerate(aois["name"], start=1):
-        sel = aoi_win == i
         area = float(aois.geometry.iloc[i - 1].area)
         d = damage[damage["aoi"] == name] if len(damage) else damage
         damaged = float(d["area_m2"].sum()) if len(d) else 0.0
-        vals = ssim[sel & np.isfinite(ssim)]
+        stats = per_aoi_stats.get(i, {"analysed": 0, "ssim_sum": 0.0})
+        n = stats["analysed"]
         by_sev = {s: int((d["severity"] == s).sum()) for s in SEVERITY_ORDER} if len(d) else dict.fromkeys(SEVERITY_ORDER, 0)
         per_aoi[name] = {
             "area_m2": round(area, 2),
-            "analysed_area_m2": round(float(np.count_nonzero(sel & np.isfinite(ssim))) * px_area, 2),
+            "analysed_area_m2": round(float(n) * px_area, 2),
             "damaged_area_m2": round(damaged, 2),
             "damaged_percent": round(100 * damaged / area, 3) if area > 0 else 0.0,
             "polygon_count": len(d),
             "polygons_by_severity": by_sev,
-            "mean_ssim": round(float(vals.mean()), 4) if vals.size else None,
+            "mean_ssim": round(stats["ssim_sum"] / n, 4) if n else None,
         }
     dates = config.dates
     window_text = None
@@ -729,6 +469,28 @@ def _summary(config, aois, damage, aoi_win, ssim, pixel_size, threshold_info, re
         "damaged_area_m2": round(float(damage["area_m2"].sum()) if len(damage) else 0.0, 2),
         "date_window": window_text,
     }
+
+
+#: The quicklook is drawn from at most this many pixels per side (block averages above).
+QUICKLOOK_MAX_SIDE = 2048
+
+
+def _write_quicklook(path: Path, rb: io.RasterReader, ra: io.RasterReader, score_path: Path, det: Any,
+                     aois: Any, region: Any, *, title: str) -> None:
+    """quicklook.png of the analysed region (read decimated when large)."""
+    from .quicklook import quicklook
+
+    f = max(1, math.ceil(max(region.height, region.width) / QUICKLOOK_MAX_SIDE))
+    shape = None if f == 1 else (math.ceil(region.height / f), math.ceil(region.width / f))
+    win = (region.r0, region.r1, region.c0, region.c1)
+    before, bvalid = rb.read_raw(*win, out_shape=shape)
+    after, avalid = ra.read_raw(*win, out_shape=shape)
+    before = np.nan_to_num(before) / np.float32(rb.scale)
+    after = det.normalisation.apply(np.nan_to_num(after) / np.float32(ra.scale), bvalid & avalid)
+    with io.RasterReader(score_path, scale=1.0) as rs:
+        score, svalid = rs.read_raw(0, region.height, out_shape=shape)
+    quicklook(path, before=before, after=after, score=score[0], threshold=det.threshold, grid=det.grid,
+              damage=det.damage, aois=aois, title=title)
 
 
 # --------------------------------------------------------------------------- other commands

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import apply_overrides, overwrite_opt, set_opt
+from .options import apply_overrides, layers_opt, overwrite_opt, set_opt
 
 existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 out_path = click.Path(path_type=Path)
@@ -42,9 +42,10 @@ def _report_run(result, quiet: bool) -> None:
 @click.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", "outdir", type=out_path, help="Output folder (default: output.dir of the file).")
+@layers_opt
 @set_opt
 @overwrite_opt
-def run(pipeline_file: Path, outdir: Path | None, overrides: dict, overwrite: bool) -> None:
+def run(pipeline_file: Path, outdir: Path | None, write_layers: bool, overrides: dict, overwrite: bool) -> None:
     """Run a pipeline file (TOML) and write every output.
 
     \b
@@ -58,6 +59,8 @@ def run(pipeline_file: Path, outdir: Path | None, overrides: dict, overwrite: bo
     from ..errors import ConfigError
     from ..pipeline import run as run_pipeline
 
+    if write_layers:
+        overrides = {**overrides, "output.write_layers": True}
     config = load_pipeline(pipeline_file)
     if overrides:
         data = apply_overrides(tomllib.loads(pipeline_file.read_text(encoding="utf-8")), overrides)
@@ -78,9 +81,10 @@ def run(pipeline_file: Path, outdir: Path | None, overrides: dict, overwrite: bo
 @click.option("--truth", type=existing_file, help="Reference damage polygons: evaluate the run.")
 @click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), help="Score threshold (default: automatic).")
 @click.option("--min-area", type=click.FloatRange(min=0), help="Minimum polygon area, m2 (default 20).")
+@layers_opt
 @set_opt
 @overwrite_opt
-def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, overrides, overwrite) -> None:
+def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, write_layers, overrides, overwrite) -> None:
     """Detect damage between BEFORE and AFTER without a pipeline file.
 
     BEFORE defines the grid; AFTER is co-registered onto it.
@@ -100,6 +104,8 @@ def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, overri
         data.setdefault("damage", {})["threshold"] = threshold
     if min_area is not None:
         data.setdefault("damage", {})["min_area_m2"] = min_area
+    if write_layers:
+        data.setdefault("output", {})["write_layers"] = True
     data = apply_overrides(data, overrides)
     config = config_from_dict(data, source="command line", base=Path.cwd())
     result = run_pipeline(config, outdir=outdir, overwrite=overwrite)

@@ -11,6 +11,12 @@ overwrite_opt = click.option(
     "--overwrite", is_flag=True, default=False, help="Replace existing outputs."
 )
 
+layers_opt = click.option(
+    "--write-layers", is_flag=True, default=False,
+    help="Also write each term of the change score (structure_loss, difference_evidence, vegetation, "
+         "shadow_change) as a COG, to show how the score was made.",
+)
+
 
 def key_val_handler(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
     """Parse ``section.key=value`` pairs; values are TOML literals (strings need no quotes)."""
