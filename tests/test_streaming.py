@@ -126,3 +126,16 @@ def test_strip_writer_abort_leaves_nothing(tmp_path):
     w.write(0, np.zeros((20, 50), np.float32))
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_reports_every_row_of_each_step(big_pair, tmp_path):
+    before, after = big_pair
+    seen: dict[str, list[int]] = {}
+
+    def progress(stage: str, rows: int, total: int) -> None:
+        seen.setdefault(stage, [0, total])[0] += rows
+
+    run(_config(before, after), outdir=tmp_path / "out", strip_pixels=60 * 340, progress=progress)
+    assert set(seen) == {"warping the after image", "fitting radiometry", "no-change statistics", "change layers"}
+    for stage, (done, total) in seen.items():
+        assert done == total, stage

@@ -227,13 +227,16 @@ def run(
     overwrite: bool = False,
     write_layers: bool = False,
     strip_pixels: int = STRIP_PIXELS,
+    progress: Any = None,
 ) -> RunResult:
     """Run the whole chain for one pair and write every output (see module docstring).
 
     ``write_layers`` also writes each term of the change score as a COG
     (``structure_loss``, ``difference_evidence``, ``vegetation``,
     ``shadow_change``). ``strip_pixels`` sizes the strips the scene is processed
-    in (memory grows with it; the outputs do not depend on it).
+    in (memory grows with it; the outputs do not depend on it). ``progress``,
+    if given, is called as ``progress(stage, rows_done, rows_total)`` during the
+    long steps.
     """
     import geopandas as gpd
     from shapely.geometry import box
@@ -274,7 +277,7 @@ def run(
             inputs.after, ref_grid, align.model, out.file("after_coregistered.tif"), bands=bands,
             dtype=align.dtype, resampling=cfg_r.resampling, max_pixels=limit,
             tags={**tags, "LAYER": "after image co-registered onto the before grid"},
-            colorinterp=_colorinterp(ainfo, bands),
+            colorinterp=_colorinterp(ainfo, bands), progress=progress,
         )
 
         # AOIs, clipped to the area with data in both images.
@@ -286,7 +289,8 @@ def run(
         # 3-5. radiometry, change layers, threshold, objects (strip by strip).
         with io.RasterReader(inputs.before, bands=bands, max_pixels=limit) as rb, \
                 io.RasterReader(after_path, scale=align.scale) as ra:
-            detector = streaming.Detector(rb, ra, ref_grid, config, strip_pixels=strip_pixels)
+            detector = streaming.Detector(rb, ra, ref_grid, config, strip_pixels=strip_pixels,
+                                          progress=progress)
             detector._reliable = report.get("reliable")
             detector._uncertainty_m = report.get("position_uncertainty_m")
             det = detector.run(region, aois, out.file, tags,

@@ -321,7 +321,7 @@ def write_aligned(
     descriptions: list[str] | None = None,
     colorinterp: list[str] | None = None,
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """Warp ``bands`` of the after image through ``model`` onto ``grid``, strip by strip, as a COG.
 
@@ -345,7 +345,7 @@ def write_aligned(
                 arr = np.clip(np.rint(arr), info.min, info.max)
             writer.write(s.r0, arr.astype(dtype), valid)
             if progress:
-                progress(s.rows)
+                progress("warping the after image", s.rows, grid.height)
         return writer.finish(tags=tags, descriptions=descriptions, colorinterp=colorinterp)
     except BaseException:
         writer.abort()
@@ -429,7 +429,8 @@ class Detector:
     """
 
     def __init__(self, before: io.RasterReader, after: io.RasterReader, grid: Grid, config: Any,
-                 *, strip_pixels: int = STRIP_PIXELS, progress: Callable[[str, int], None] | None = None) -> None:
+                 *, strip_pixels: int = STRIP_PIXELS,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
         self.before, self.after, self.grid, self.config = before, after, grid, config
         res = grid.res
         self.pixel_size = math.sqrt(res[0] * res[1])
@@ -439,9 +440,9 @@ class Detector:
         self.ssim_sigma_px = max(1.5, c.ssim_sigma_m / self.pixel_size)
 
     # -- helpers
-    def _tick(self, stage: str, rows: int) -> None:
+    def _tick(self, stage: str, rows: int, total: int) -> None:
         if self.progress:
-            self.progress(stage, rows)
+            self.progress(stage, rows, total)
 
     def _rows(self, width: int, halo: int) -> int:
         return max(16, self.strip_pixels // max(width, 1) - 2 * halo)
@@ -461,7 +462,9 @@ class Detector:
         sigma = max(1.5, cfg.change.ssim_sigma_m / self.pixel_size)
         halo = change_mod.stable_mask_halo(sigma)
         xs, ys, fallback_x, fallback_y = [], [], [], []
-        for a, b in sample_bands(0, h, w):
+        bands = sample_bands(0, h, w)
+        total = sum(b - a for a, b in bands)
+        for a, b in bands:
             for s in strips(a, b, size=self._rows(w, halo), halo=halo, hi=h):
                 bef, aft, valid = self._read(s.h0, s.h1, 0, w)
                 stable = change_mod.stable_mask(bef, aft, valid=valid, sigma=sigma, center=SSIM_CENTER)[s.core]
@@ -470,7 +473,7 @@ class Detector:
                 ys.append(core_b[:, stable])
                 fallback_x.append(core_a[:, core_v])
                 fallback_y.append(core_b[:, core_v])
-                self._tick("radiometry", s.rows)
+                self._tick("fitting radiometry", s.rows, total)
         x, y = np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
         vx, vy = np.concatenate(fallback_x, axis=1), np.concatenate(fallback_y, axis=1)
         if vx.shape[1] == 0:
@@ -488,7 +491,9 @@ class Detector:
         cc0, cc1 = max(0, region.c0 - halo), min(self.grid.width, region.c1 + halo)
         cols = slice(region.c0 - cc0, region.c1 - cc0)
         samples = []
-        for a, b in sample_bands(region.r0, region.r1, region.width):
+        bands = sample_bands(region.r0, region.r1, region.width)
+        total = sum(b - a for a, b in bands)
+        for a, b in bands:
             for s in strips(a, b, size=self._rows(cc1 - cc0, halo), halo=halo, hi=self.grid.height):
                 bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
                 aft = norm.apply(aft, valid)
@@ -496,7 +501,7 @@ class Detector:
                     bef, aft, valid=valid, rows=s.core, cols=cols, pixel_size=self.pixel_size,
                     ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m, center=SSIM_CENTER,
                 ))
-                self._tick("statistics", s.rows)
+                self._tick("no-change statistics", s.rows, total)
         return change_mod.scene_statistics(samples)
 
     # -- 4-5. layers, threshold, objects
@@ -559,7 +564,7 @@ class Detector:
                     for i in range(1, n_aoi + 1):
                         per_aoi[i]["analysed"] += int(counts[i])
                         per_aoi[i]["ssim_sum"] += float(sums[i])
-                self._tick("change", s.rows)
+                self._tick("change layers", s.rows, region.height)
             if n_inside == 0:
                 raise NoOverlapError(f"{cfg.inputs.aois or cfg.inputs.before}: AOIs cover no pixel with data in both images")
 

@@ -13,6 +13,41 @@ existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 out_path = click.Path(path_type=Path)
 
 
+class _StageBars:
+    """One tqdm bar per long pipeline step, on stderr; silent with -q or when not a terminal."""
+
+    def __init__(self) -> None:
+        import sys
+
+        ctx = click.get_current_context(silent=True)
+        verbosity = (ctx.obj or {}).get("verbosity", 0) if ctx else 0
+        self.disable = verbosity < 0 or not sys.stderr.isatty()
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, rows: int, total: int) -> None:
+        import sys
+
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="row", file=sys.stderr, disable=self.disable, leave=False)
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> _StageBars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _report_run(result, quiet: bool) -> None:
     s = result.summary
     click.echo(f"wrote {len(result.outputs)} files to {result.outdir}")
@@ -68,7 +103,8 @@ def run(pipeline_file: Path, outdir: Path | None, write_layers: bool, overrides:
             config = config_from_dict(data, source=str(pipeline_file), base=pipeline_file.parent)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (after --set)") from exc
-    result = run_pipeline(config, outdir=outdir, overwrite=overwrite)
+    with _StageBars() as bars:
+        result = run_pipeline(config, outdir=outdir, overwrite=overwrite, progress=bars)
     _report_run(result, quiet=False)
 
 
@@ -108,7 +144,8 @@ def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, write_
         data.setdefault("output", {})["write_layers"] = True
     data = apply_overrides(data, overrides)
     config = config_from_dict(data, source="command line", base=Path.cwd())
-    result = run_pipeline(config, outdir=outdir, overwrite=overwrite)
+    with _StageBars() as bars:
+        result = run_pipeline(config, outdir=outdir, overwrite=overwrite, progress=bars)
     _report_run(result, quiet=False)
 
 
