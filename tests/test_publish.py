@@ -23,6 +23,7 @@ EXPECTED = {
     "sites.geojson", "sites_uncertainty.geojson", "layers.gpkg", "project.qgs", "report.html",
     "after_coregistered.qml", "difference.qml", "ssim.qml", "score.qml", "damage.qml", "aois.qml",
     "sites.qml", "sites_uncertainty.qml", "tie_points.geojson", "tie_points.qml",
+    "threshold_sweep.csv", "threshold_sweep.png",
 }
 #: Centre of the planted change (before rows 70:90, cols 80:100 of the crop, 0.5 m pixels).
 CHANGE_XY = (ORIGIN[0] + 0.5 * 90, ORIGIN[1] - 0.5 * 80)
@@ -298,7 +299,7 @@ def test_report_command_rewrites_identical_files(runner, run_dir, tmp_path):
     (dst / "report.html").unlink()
     res = runner.invoke(cli, ["report", str(dst)])
     assert res.exit_code == 0, res.output + res.stderr
-    assert "14 identical to the run" in res.output
+    assert "16 identical to the run" in res.output
     assert res.stderr == ""
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     res = runner.invoke(cli, ["verify", str(dst)])
@@ -343,3 +344,16 @@ def test_report_help(runner):
     assert res.exit_code == 0
     assert "Example" in res.output
     assert "rewritten" in res.output
+
+
+def test_threshold_sweep_table_matches_the_report(run_dir):
+    import csv
+
+    run_dir, _ = run_dir
+    rows = list(csv.DictReader((run_dir / "threshold_sweep.csv").read_text(encoding="utf-8").splitlines()))
+    assert [float(r["threshold"]) for r in rows] == list(publish.SWEEP_THRESHOLDS)
+    f1 = [float(r["f1"]) for r in rows]
+    p, r = np.array([float(x["precision"]) for x in rows]), np.array([float(x["recall"]) for x in rows])
+    np.testing.assert_allclose(f1, np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0), atol=2e-4)
+    assert r[0] >= r[-1]  # recall falls as the threshold rises
+    assert (run_dir / "threshold_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -54,7 +54,7 @@ PUBLISHED_NAMES = (
     "sites.geojson", "sites_uncertainty.geojson", "layers.gpkg",
     "after_coregistered.qml", "difference.qml", "ssim.qml", "score.qml",
     "damage.qml", "aois.qml", "sites.qml", "sites_uncertainty.qml", "tie_points.qml",
-    "project.qgs", "report.html",
+    "project.qgs", "report.html", "threshold_sweep.csv", "threshold_sweep.png",
 )
 
 #: Input roles, in the order they are listed.
@@ -377,21 +377,35 @@ def _chips(folder: Path, data_layers: dict[str, Any], summary: dict[str, Any], c
     return chips, notes
 
 
+#: Thresholds of the sweep written with every run that has truth labels.
+SWEEP_THRESHOLDS = tuple(round(0.02 + 0.01 * i, 2) for i in range(97))
+
+
 def _sweep(folder: Path, truth_path: Path, crs: str) -> dict[str, Any]:
+    """Pixel precision/recall/F1 of ``score >= t`` against the truth, read strip by strip."""
     from rasterio.features import rasterize
 
-    from .report import threshold_sweep
+    from .report import sweep_counts, sweep_from_counts
+    from .tiling import rows_per_strip
 
     truth = io.read_vector(truth_path, what="truth file").to_crs(crs)
-    info = io.raster_info(folder / "score.tif")
-    arr, valid, _ = io.read_grid(folder / "score.tif", scale=1.0)
-    score = np.where(valid, arr[0], np.nan)
     polys = [g for g in truth.geometry if g.geom_type in ("Polygon", "MultiPolygon")]
-    grid = info.grid
-    mask = (rasterize([(g, 1) for g in polys], out_shape=grid.shape, transform=grid.transform, fill=0, dtype="uint8") > 0
-            if polys else np.zeros(grid.shape, bool))
-    thresholds = [round(0.02 + 0.01 * i, 2) for i in range(97)]
-    return threshold_sweep(score, mask, thresholds)
+    tp = fp = 0
+    n_pos = n_neg = 0
+    with io.RasterReader(folder / "score.tif", scale=1.0) as src:
+        grid = io.raster_info(folder / "score.tif").grid
+        height, width = src.shape
+        step = rows_per_strip(width)
+        for r0 in range(0, height, step):
+            r1 = min(height, r0 + step)
+            arr, valid = src.read(r0, r1)
+            score = np.where(valid, arr[0], np.nan)
+            sgrid = grid.window_grid(r0, 0, r1 - r0, width)
+            mask = (rasterize([(g, 1) for g in polys], out_shape=sgrid.shape, transform=sgrid.transform, fill=0,
+                              dtype="uint8") > 0 if polys else np.zeros(sgrid.shape, bool))
+            a, b, p, n = sweep_counts(score, mask, SWEEP_THRESHOLDS)
+            tp, fp, n_pos, n_neg = tp + a, fp + b, n_pos + p, n_neg + n
+    return sweep_from_counts(SWEEP_THRESHOLDS, tp, fp, n_pos, n_neg)
 
 
 def _parameters(folder: Path) -> dict[str, Any]:
@@ -503,6 +517,19 @@ def publish_outputs(
     written.append(_write_text(folder / "project.qgs", _project(
         summary, crs, layers, styles, inputs, final, before, relative=relative_inputs)))
 
+    # the threshold sweep, when there are reference labels.
+    sweep = _sweep(folder, inputs["truth"], crs) if "truth" in inputs else None
+    if sweep is not None:
+        import base64
+
+        from .report import sweep_figure, sweep_table
+
+        written.append(_write_text(folder / "threshold_sweep.csv", sweep_table(sweep)))
+        png = base64.b64decode(sweep_figure(sweep, (summary.get("threshold") or {}).get("value")))
+        with io.atomic_output(folder / "threshold_sweep.png", overwrite=True) as tmp:
+            tmp.write_bytes(png)
+        written.append(folder / "threshold_sweep.png")
+
     # the report.
     records = input_records or {
         k: {"sha256": io.sha256_file(p), "bytes": p.stat().st_size} for k, p in inputs.items() if p.is_file()
@@ -512,7 +539,7 @@ def publish_outputs(
     } | {p.name for p in written} | {"report.html", MANIFEST_NAME}
     written.append(_write_text(folder / "report.html", _report(
         folder, summary, crs, layers, inputs, records, software or software_versions(), sorted(names),
-        before, after)))
+        before, after, sweep)))
     return written
 
 
@@ -552,7 +579,7 @@ def _project(summary: dict[str, Any], crs: str, layers: dict[str, Any], styles: 
 
 def _report(folder: Path, summary: dict[str, Any], crs: str, layers: dict[str, Any], inputs: dict[str, Path],
             records: dict[str, dict[str, Any]], software: dict[str, str], names: list[str],
-            before: _Image | None, after: _Image) -> str:
+            before: _Image | None, after: _Image, sweep: dict[str, Any] | None = None) -> str:
     from .report import Overview, ReportData, render_report
 
     coreg = _read_json(folder / "coregistration.json", "co-registration report")
@@ -570,7 +597,6 @@ def _report(folder: Path, summary: dict[str, Any], crs: str, layers: dict[str, A
     ov_bounds = (left, top - grid.height * grid.res[1], left + grid.width * grid.res[0], top)
     rgba = after.display(grid)
     grey = np.where(rgba[..., 3] > 0, rgba[..., :3].mean(axis=-1), 1.0)
-    sweep = _sweep(folder, inputs["truth"], crs) if "truth" in inputs else None
     ties = layers.get("tie_points")
     if ties is not None and not {"dy_px", "dx_px"} <= set(ties.columns):
         notes.append("tie_points.geojson has no dy_px and dx_px columns: its shifts are not shown.")

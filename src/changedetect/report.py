@@ -36,7 +36,10 @@ from .styles import (
     ssim_ramp,
 )
 
-__all__ = ["Chip", "Overview", "ReportData", "threshold_sweep", "render_report"]
+__all__ = [
+    "Chip", "Overview", "ReportData", "render_report", "sweep_counts", "sweep_from_counts", "sweep_figure",
+    "sweep_table", "threshold_sweep",
+]
 
 #: At most this many rows in the damage polygon table (all are in damage.geojson).
 MAX_POLYGON_ROWS = 40
@@ -137,6 +140,19 @@ def threshold_sweep(score: np.ndarray, truth: np.ndarray, thresholds: Sequence[f
     >>> threshold_sweep(s, t, [0.5])["precision"]
     [0.5]
     """
+    tp, fp, n_pos, n_neg = sweep_counts(score, truth, thresholds)
+    return sweep_from_counts(thresholds, tp, fp, n_pos, n_neg)
+
+
+def sweep_counts(
+    score: np.ndarray, truth: np.ndarray, thresholds: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Pixels with ``score >= t`` inside (tp) and outside (fp) the truth, per threshold.
+
+    Counts add up over parts of an image, so a sweep can be made strip by strip
+    (:func:`sweep_from_counts` turns the sums into the sweep). NaN pixels are
+    left out. Returns ``(tp, fp, truth_pixels, other_pixels)``.
+    """
     if score.shape != truth.shape:
         raise ValueError(f"score and truth must have the same shape, got {score.shape} and {truth.shape}")
     ok = np.isfinite(score)
@@ -145,10 +161,19 @@ def threshold_sweep(score: np.ndarray, truth: np.ndarray, thresholds: Sequence[f
     ts = [float(t) for t in thresholds]
     tp = pos.size - np.searchsorted(pos, ts, side="left")
     fp = neg.size - np.searchsorted(neg, ts, side="left")
-    fn = pos.size - tp
+    return tp.astype(np.int64), fp.astype(np.int64), int(pos.size), int(neg.size)
+
+
+def sweep_from_counts(
+    thresholds: Sequence[float], tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int
+) -> dict[str, Any]:
+    """The sweep of :func:`threshold_sweep` from (summed) :func:`sweep_counts`."""
+    ts = [float(t) for t in thresholds]
+    tp, fp = np.asarray(tp), np.asarray(fp)
+    fn = n_pos - tp
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
-        recall = np.where(pos.size > 0, tp / max(pos.size, 1), 1.0) * np.ones(len(ts))
+        recall = np.where(n_pos > 0, tp / max(n_pos, 1), 1.0) * np.ones(len(ts))
         f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
     best = int(np.argmax(f1)) if len(ts) else 0
     return {
@@ -156,11 +181,19 @@ def threshold_sweep(score: np.ndarray, truth: np.ndarray, thresholds: Sequence[f
         "precision": [round(float(v), 4) for v in precision],
         "recall": [round(float(v), 4) for v in recall],
         "f1": [round(float(v), 4) for v in f1],
-        "truth_pixels": int(pos.size),
-        "pixels": int(pos.size + neg.size),
+        "truth_pixels": int(n_pos),
+        "pixels": int(n_pos + n_neg),
         "false_negative_pixels_at_best": int(fn[best]) if len(ts) else 0,
         "best": {"threshold": round(ts[best], 4), "f1": round(float(f1[best]), 4)} if len(ts) else None,
     }
+
+
+def sweep_table(sweep: dict[str, Any]) -> str:
+    """The sweep as CSV text: threshold, precision, recall, f1 (one row per threshold)."""
+    lines = ["threshold,precision,recall,f1"]
+    for row in zip(sweep["thresholds"], sweep["precision"], sweep["recall"], sweep["f1"], strict=True):
+        lines.append(",".join(f"{v:.4f}" for v in row))
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any, digits: int = 2, unit: str = "") -> str:
