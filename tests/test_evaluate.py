@@ -39,3 +39,22 @@ def test_empty_prediction():
     assert m.recall == 0
     assert m.precision == 1.0
     assert m.f1 == 0
+
+
+def test_building_truth_and_agreement():
+    from shapely.geometry import box
+
+    from changedetect.evaluate import building_agreement, building_truth
+
+    footprints = [box(0, 0, 10, 10), box(20, 0, 30, 10), box(40, 0, 50, 10), box(60, 0, 70, 10)]
+    truth = [box(0, 0, 10, 10), box(20, 0, 30, 2), box(40, 0, 50, 5)]
+    reference = building_truth(footprints, truth, ["destroyed", "severe", "moderate"])
+    # 20 % covered is below the 30 % rule; 50 % is enough
+    assert reference == ["destroyed", "no damage", "moderate", "no damage"]
+    agreement = building_agreement(["destroyed", "moderate", "severe", "not assessed"], reference)
+    assert agreement["compared"] == 3
+    assert agreement["exact"] == round(1 / 3, 4)
+    assert agreement["within_one_class"] == round(2 / 3, 4)
+    assert agreement["intact_flagged"] == 1.0
+    assert agreement["heavy_missed"] == 0.0
+    assert agreement["confusion"]["no damage"] == {"moderate": 1}

@@ -139,3 +139,29 @@ def test_progress_reports_every_row_of_each_step(big_pair, tmp_path):
     assert set(seen) == {"warping the after image", "fitting radiometry", "no-change statistics", "change layers"}
     for stage, (done, total) in seen.items():
         assert done == total, stage
+
+
+def test_buildings_are_graded_one_by_one(big_pair, tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    before, after = big_pair
+    with rasterio.open(before) as src:
+        t = src.transform
+
+    def footprint(r, c, h, w):
+        (x0, y0), (x1, y1) = t * (c, r), t * (c + w, r + h)
+        return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+    # the three planted changes, and two untouched blocks
+    geoms = [footprint(*ch) for ch in CHANGES] + [footprint(20, 250, 30, 40), footprint(250, 250, 30, 40)]
+    path = tmp_path / "footprints.geojson"
+    gpd.GeoDataFrame({"name": ["a", "b", "c", "d", "e"]}, geometry=geoms, crs="EPSG:32637").to_file(path)
+    res = run(_config(before, after, inputs={"before": str(before), "after": str(after), "buildings": str(path)}),
+              outdir=tmp_path / "out")
+    graded = gpd.read_file(res.outdir / "buildings.geojson")
+    assert list(graded["name"]) == ["a", "b", "c", "d", "e"]
+    assert list(graded["grade"][:3]) == ["destroyed"] * 3
+    assert list(graded["grade"][3:]) == ["no damage"] * 2
+    assert res.summary["buildings"]["by_grade"]["destroyed"] == 3
+    assert (res.outdir / "buildings.qml").is_file()

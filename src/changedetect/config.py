@@ -34,6 +34,9 @@ class Inputs(_Strict):
     aois: Path | None = Field(None, description="Areas of interest (polygons, a 'name' column).")
     sites: Path | None = Field(None, description="Reported impact points ('name', 'uncertainty_m').")
     truth: Path | None = Field(None, description="Reference damage polygons to evaluate the run.")
+    buildings: Path | None = Field(
+        None, description="Building footprints (polygons, e.g. OpenStreetMap): graded one by one."
+    )
     bands: list[int] | None = Field(
         None, description="1-based bands to use from both images; default: the common bands."
     )
@@ -169,7 +172,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", base: Pa
         return cfg
     inputs = cfg.inputs
     resolved: dict[str, Any] = {}
-    for key in ("before", "after", "aois", "sites", "truth"):
+    for key in ("before", "after", "aois", "sites", "truth", "buildings"):
         value = getattr(inputs, key)
         if value is None:
             continue

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Metrics", "pixel_metrics", "area_metrics", "object_recall"]
+__all__ = [
+    "Metrics", "area_metrics", "building_agreement", "building_truth", "object_recall", "pixel_metrics",
+]
 
 
 @dataclass(frozen=True)
@@ -143,3 +145,54 @@ def object_recall(
     if classes is not None:
         out["by_class"] = {c: summary([k == c for k in classes]) for c in dict.fromkeys(classes)}
     return out
+
+
+#: Grades of a building from worst to none, as in :mod:`changedetect.buildings`.
+_BUILDING_ORDER = ("destroyed", "severe", "moderate", "possible", "no damage")
+
+
+def building_truth(footprints: Sequence[Any], truth: Sequence[Any], severities: Sequence[str], *,
+                   min_cover: float = 0.3) -> list[str]:
+    """Reference grade of each footprint: the worst severity among the truth polygons
+    covering at least ``min_cover`` of it, else ``"no damage"``."""
+    from shapely import STRtree
+
+    tree = STRtree(list(truth))
+    out = []
+    for g in footprints:
+        best = len(_BUILDING_ORDER) - 1
+        area = g.area
+        for i in tree.query(g):
+            if area > 0 and g.intersection(truth[int(i)]).area / area >= min_cover:
+                best = min(best, _BUILDING_ORDER.index(str(severities[int(i)])))
+        out.append(_BUILDING_ORDER[best])
+    return out
+
+
+def building_agreement(graded: Sequence[str], reference: Sequence[str]) -> dict[str, Any]:
+    """How per-building grades agree with reference grades (buildings not assessed left out).
+
+    Returns the number compared, exact agreement, agreement within one class, the
+    share of undamaged buildings graded moderate or worse (false alarms), the
+    share of destroyed/severe buildings graded moderate or better-looking (misses),
+    and the confusion counts ``{reference: {graded: n}}``.
+    """
+    pairs = [(g, r) for g, r in zip(graded, reference, strict=True) if g in _BUILDING_ORDER]
+    n = len(pairs)
+    idx = {k: i for i, k in enumerate(_BUILDING_ORDER)}
+    exact = sum(g == r for g, r in pairs)
+    within = sum(abs(idx[g] - idx[r]) <= 1 for g, r in pairs)
+    intact = [g for g, r in pairs if r == "no damage"]
+    heavy = [g for g, r in pairs if r in ("destroyed", "severe")]
+    confusion: dict[str, dict[str, int]] = {}
+    for g, r in pairs:
+        confusion.setdefault(r, {}).setdefault(g, 0)
+        confusion[r][g] += 1
+    return {
+        "compared": n,
+        "exact": round(exact / n, 4) if n else None,
+        "within_one_class": round(within / n, 4) if n else None,
+        "intact_flagged": round(sum(idx[g] <= 2 for g in intact) / len(intact), 4) if intact else None,
+        "heavy_missed": round(sum(idx[g] >= 2 for g in heavy) / len(heavy), 4) if heavy else None,
+        "confusion": confusion,
+    }

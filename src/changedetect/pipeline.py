@@ -112,6 +112,26 @@ def _read_aois(config: PipelineConfig, grid: Grid, footprint: Any) -> Any:
     return gdf[["name", "geometry"]].reset_index(drop=True)
 
 
+def _read_buildings(path: Path, grid: Grid, region: Any) -> Any:
+    """Building footprints over the analysed region, in the grid's CRS (ids are their order in the file)."""
+    from shapely.geometry import box
+
+    gdf = io.read_vector(path, what="building footprints").to_crs(grid.crs)
+    gdf = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if len(gdf) == 0:
+        raise DataError(f"{path}: building footprints file has no polygon")
+    area = box(*grid.window_grid(region.r0, region.c0, region.height, region.width).bounds)
+    gdf = gdf.assign(source_index=np.arange(len(gdf)))
+    return gdf[gdf.geometry.intersects(area)].reset_index(drop=True)
+
+
+def _building_summary(buildings: Any) -> dict[str, Any]:
+    from .buildings import GRADES
+
+    counts = buildings["grade"].value_counts()
+    return {"count": len(buildings), "by_grade": {g: int(counts.get(g, 0)) for g in GRADES}}
+
+
 def _rasterize(geoms: list, grid: Grid, values: list[int] | None = None) -> np.ndarray:
     from rasterio.features import rasterize
 
@@ -293,14 +313,19 @@ def run(
                                           progress=progress)
             detector._reliable = report.get("reliable")
             detector._uncertainty_m = report.get("position_uncertainty_m")
+            footprints = _read_buildings(inputs.buildings, ref_grid, region) if inputs.buildings else None
             det = detector.run(region, aois, out.file, tags,
-                               write_layers=write_layers or config.output.write_layers)
+                               write_layers=write_layers or config.output.write_layers, buildings=footprints)
             damage = det.damage
             io.write_vector(out.file("damage.geojson"), damage, layer="damage")
             io.write_vector(out.file("aois.geojson"), aois, layer="aois")
+            if det.buildings is not None:
+                io.write_vector(out.file("buildings.geojson"), det.buildings, layer="buildings")
 
             summary = _summary(config, aois, damage, det.per_aoi, pixel_size, det.threshold_info, report,
                                det.fit, det.noise)
+            if det.buildings is not None:
+                summary["buildings"] = _building_summary(det.buildings)
             if inputs.sites is not None:
                 sites = io.read_vector(inputs.sites, what="sites file").to_crs(ref_grid.crs)
                 sites = sites[sites.geometry.geom_type == "Point"]
@@ -308,6 +333,12 @@ def run(
             if inputs.truth is not None:
                 truth = io.read_vector(inputs.truth, what="truth file").to_crs(ref_grid.crs)
                 summary["evaluation"] = evaluate_polygons(damage, truth)
+                if det.buildings is not None and "severity" in truth.columns:
+                    from .evaluate import building_agreement, building_truth
+
+                    reference = building_truth(list(det.buildings.geometry), list(truth.geometry),
+                                               list(truth["severity"]))
+                    summary["evaluation"]["buildings"] = building_agreement(list(det.buildings["grade"]), reference)
             io.write_json(out.file("coregistration.json"), report)
             io.write_json(out.file("summary.json"), summary)
             _write_quicklook(out.file("quicklook.png"), rb, ra, out.file("score.tif"), det, aois, region,
@@ -318,14 +349,14 @@ def run(
 
         publish_outputs(
             out.staging, crs=ref_grid.crs, summary=summary,
-            inputs={k: getattr(inputs, k) for k in ("before", "after", "aois", "sites", "truth") if getattr(inputs, k)},
+            inputs={k: getattr(inputs, k) for k in ("before", "after", "aois", "sites", "truth", "buildings") if getattr(inputs, k)},
         )
 
         # manifest last.
         outputs = [io.file_record(p, relative_to=out.staging) for p in out.staged()]
         input_records = {
             key: {**io.file_record(getattr(inputs, key)), "path": str(Path(getattr(inputs, key)).resolve())}
-            for key in ("before", "after", "aois", "sites", "truth") if getattr(inputs, key) is not None
+            for key in ("before", "after", "aois", "sites", "truth", "buildings") if getattr(inputs, key) is not None
         }
         dates = config.dates.model_dump(mode="json")
         dates.setdefault("before", None)

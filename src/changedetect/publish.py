@@ -54,7 +54,7 @@ PUBLISHED_NAMES = (
     "sites.geojson", "sites_uncertainty.geojson", "layers.gpkg",
     "after_coregistered.qml", "difference.qml", "ssim.qml", "score.qml",
     "damage.qml", "aois.qml", "sites.qml", "sites_uncertainty.qml", "tie_points.qml",
-    "project.qgs", "report.html", "threshold_sweep.csv", "threshold_sweep.png",
+    "buildings.qml", "project.qgs", "report.html", "threshold_sweep.csv", "threshold_sweep.png",
 )
 
 #: Input roles, in the order they are listed.
@@ -487,6 +487,9 @@ def publish_outputs(
     tie_path = folder / "tie_points.geojson"
     if tie_path.is_file():
         layers["tie_points"] = _read_layer(tie_path, "tie points layer", crs)
+    buildings_path = folder / "buildings.geojson"
+    if buildings_path.is_file():
+        layers["buildings"] = _read_layer(buildings_path, "buildings layer", crs)
 
     # styles beside every layer (and inside the GeoPackage).
     if len(layers["aois"]) == 0:
@@ -508,6 +511,8 @@ def publish_outputs(
         styles["sites_uncertainty"] = st.sites_uncertainty_style()
     if "tie_points" in layers:
         styles["tie_points"] = st.tie_points_style()
+    if "buildings" in layers:
+        styles["buildings"] = st.buildings_style()
     qml = {name: st.qml_text(style) for name, style in styles.items()}
     for name, text in qml.items():
         written.append(_write_text(folder / f"{name}.qml", text))
@@ -555,7 +560,10 @@ def _project(summary: dict[str, Any], crs: str, layers: dict[str, Any], styles: 
     assessment = []
     if "sites" in layers:
         assessment += [vec("sites", "reported sites", "Point"), vec("sites_uncertainty", "site uncertainty", "Polygon")]
-    assessment += [vec("damage", "damage by severity", "Polygon"), vec("aois", "areas of interest", "Polygon")]
+    assessment += [vec("damage", "damage by severity", "Polygon")]
+    if "buildings" in layers:
+        assessment.append(vec("buildings", "buildings by damage grade", "Polygon"))
+    assessment.append(vec("aois", "areas of interest", "Polygon"))
     if "tie_points" in layers:
         assessment.append(vec("tie_points", "co-registration tie points", "Point", visible=False))
     evidence = [

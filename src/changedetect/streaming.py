@@ -412,6 +412,7 @@ class Detection:
     noise: dict[str, Any]
     per_aoi: dict[int, dict[str, float]] = field(default_factory=dict)
     normalisation: Any = None
+    buildings: Any = None
 
 
 class Detector:
@@ -506,7 +507,7 @@ class Detector:
 
     # -- 4-5. layers, threshold, objects
     def run(self, region: Region, aois: Any, staging: Callable[[str], Path], tags: dict[str, Any],
-            write_layers: bool = False) -> Detection:
+            write_layers: bool = False, buildings: Any = None) -> Detection:
         cfg = self.config
         c, d = cfg.change, cfg.damage
         grid = self.grid
@@ -571,7 +572,7 @@ class Detector:
             score_rows = _rows_reader(writers["score"], region.width)
             threshold, threshold_info = self._threshold(score_rows, region, lo, hi)
             damage_mask = self._mask(score_rows, region, threshold)
-            damage = self._objects(damage_mask, writers, region, out_grid, geoms, aois, threshold)
+            damage, graded = self._objects(damage_mask, writers, region, out_grid, geoms, aois, threshold, buildings)
             for name in names:
                 layer_tags = {**tags, "LAYER": names[name]}
                 if name == "score":
@@ -586,7 +587,7 @@ class Detector:
             for w in writers.values():
                 w.abort()
             raise
-        return Detection(out_grid, damage, threshold, threshold_info, fit, stats.as_dict(), per_aoi, norm)
+        return Detection(out_grid, damage, threshold, threshold_info, fit, stats.as_dict(), per_aoi, norm, graded)
 
     def _threshold(self, score_rows, region: Region, lo: float, hi: float) -> tuple[float, dict[str, Any]]:
         d = self.config.damage
@@ -640,7 +641,8 @@ class Detector:
         return m
 
     def _objects(self, mask: BitMask, writers, region: Region, out_grid: Grid, geoms: list, aois: Any,
-                 threshold: float) -> Any:
+                 threshold: float, buildings: Any = None) -> tuple[Any, Any]:
+        """Damage polygons and (with footprints) the graded buildings, from the final mask."""
         import geopandas as gpd
         from rasterio.features import shapes
         from shapely import affinity
@@ -653,9 +655,19 @@ class Detector:
         n_aoi = len(geoms)
         labeler = StripLabeler(h, w, connectivity=8)
         parts = _chunks(h, rows)
+        acc = None
+        if buildings is not None:
+            from .buildings import BuildingAccumulator
+
+            acc = BuildingAccumulator(len(buildings))
+            footprint_geoms = list(buildings.geometry)
         for a, b in parts:
             m = mask.get(a, b)
             sc, ss, df, sl = (readers[k](a, b) for k in ("score", "ssim", "difference", "structure_loss"))
+            if acc is not None:
+                ids = rasterize(footprint_geoms, out_grid.window_grid(a, 0, b - a, w),
+                                list(range(1, len(footprint_geoms) + 1)))
+                acc.add(ids, damage=m, score=sc, ssim=ss, structure_loss=sl)
             sums = {"score": sc, "ssim": ss, "difference": df,
                     "loss": (np.nan_to_num(sl) >= 0.5).astype(np.float64)}
             if n_aoi:
@@ -704,8 +716,23 @@ class Detector:
                    "structure_loss_fraction", "severity", "confidence", "position_uncertainty_m",
                    "below_uncertainty"]
         if not records:
-            return gpd.GeoDataFrame({k: [] for k in columns}, geometry=[], crs=self.grid.crs)
-        return gpd.GeoDataFrame(records, geometry="geometry", crs=self.grid.crs)
+            damage = gpd.GeoDataFrame({k: [] for k in columns}, geometry=[], crs=self.grid.crs)
+        else:
+            damage = gpd.GeoDataFrame(records, geometry="geometry", crs=self.grid.crs)
+        graded = None
+        if acc is not None:
+            reliability = 1.0 if self._reliable in (True, None) else 0.5
+            rows_out = acc.assess(pixel_size=self.pixel_size, reliability=reliability)
+            import pandas as pd
+
+            table = pd.DataFrame(rows_out)
+            # where each footprint came from: its row in the input file, and its name if any
+            keep = [c for c in ("source_index", "name") if c in buildings.columns]
+            graded = gpd.GeoDataFrame(
+                pd.concat([buildings[keep].reset_index(drop=True), table], axis=1),
+                geometry=list(buildings.geometry), crs=self.grid.crs,
+            )
+        return damage, graded
 
     #: set by the pipeline: the co-registration verdict and position uncertainty
     _reliable: bool | None = True

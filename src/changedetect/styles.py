@@ -436,6 +436,31 @@ def damage_style() -> LayerStyle:
     return _vector_style(renderer, _labeling(label, size=7.5, colour="#3a0000", placement="1", priority=4))
 
 
+#: Grades of buildings beyond the damage classes: fill and outline colours, legend labels.
+BUILDING_EXTRA = {
+    "no damage": ("#d9f0d3", "#5aae61", "No visible damage"),
+    "not assessed": ("#d9d9d9", "#737373", "Not assessed (too little analysed)"),
+}
+
+
+def buildings_style() -> LayerStyle:
+    """Building footprints categorized by ``grade``, labelled with grade and confidence."""
+    categories = _el("categories")
+    symbols = _el("symbols")
+    grades = [(g, SEVERITY_COLOURS[g], SEVERITY_OUTLINES[g], SEVERITY_LABELS[g]) for g in SEVERITY_COLOURS]
+    grades += [(g, f, o, label) for g, (f, o, label) in BUILDING_EXTRA.items()]
+    for i, (grade, fill, outline, label) in enumerate(grades):
+        categories.append(_el("category", {"value": grade, "label": label, "symbol": str(i), "render": "true"}))
+        symbols.append(_symbol("fill", str(i), [_simple_fill(fill, outline, fill_alpha=170, width=0.4)]))
+    renderer = _el(
+        "renderer-v2", {"type": "categorizedSymbol", "attr": "grade", "forceraster": "0", "symbollevels": "0",
+                        "enableorderby": "0", "referencescale": "-1"},
+        categories, symbols,
+    )
+    label = "concat(\"grade\", ' ', format_number(\"confidence\", 2))"
+    return _vector_style(renderer, _labeling(label, size=6.5, colour="#1a1a1a", placement="1", priority=2))
+
+
 def aois_style() -> LayerStyle:
     """Areas of interest: dashed outline, no fill, labelled with their name."""
     symbol = _symbol("fill", "0", [_simple_fill(AOI_COLOUR, AOI_COLOUR, width=0.7, outline_style="dash", no_fill=True)])

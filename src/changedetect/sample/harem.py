@@ -143,6 +143,7 @@ FILE_NAMES = {
     "aois": "aois.geojson",
     "sites": "sites.geojson",
     "harmless": "harmless.geojson",
+    "buildings": "buildings.geojson",
 }
 
 SEVERITIES = ("destroyed", "severe", "moderate", "possible")
@@ -233,6 +234,9 @@ class HaremSample:
         ``uncertainty_m``.
     harmless : geopandas.GeoDataFrame
         Footprints of changes that are not damage (EPSG:4326): ``kind``.
+    buildings : geopandas.GeoDataFrame
+        Footprints of every building before the strikes (EPSG:4326), as a map
+        such as OpenStreetMap would give them: ``id``, ``kind``.
     sensors : tuple of str
         Made-up sensor names of the before and after images.
     """
@@ -248,6 +252,7 @@ class HaremSample:
     aois: gpd.GeoDataFrame
     sites: gpd.GeoDataFrame
     harmless: gpd.GeoDataFrame
+    buildings: gpd.GeoDataFrame
     sensors: tuple[str, str] = (SENSOR_BEFORE, SENSOR_AFTER)
 
 
@@ -2695,6 +2700,21 @@ def _vectors(
     return truth, aois, sites, harmless
 
 
+def _footprints(w: _World) -> gpd.GeoDataFrame:
+    """Every building's footprint inside the scene (the map a user would bring)."""
+    clip = box(0, 0, _EXTENT, _EXTENT)
+    rows, geoms = [], []
+    for b in w.buildings:
+        g = b.poly.intersection(clip)
+        if g.is_empty or g.area < 4.0:
+            continue
+        rows.append({"id": len(rows) + 1, "kind": b.kind})
+        geoms.append(_to_utm(g))
+    out = _gdf(rows, geoms)
+    out["id"] = out["id"].astype("int32")
+    return out
+
+
 # --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
@@ -2731,6 +2751,7 @@ def generate(seed: int = DEFAULT_SEED) -> HaremSample:
     """
     world, before, after, _ = _build(seed)
     truth, aois, sites, harmless = _vectors(world)
+    buildings = _footprints(world)
     before.flags.writeable = False
     after.flags.writeable = False
     return HaremSample(
@@ -2745,6 +2766,7 @@ def generate(seed: int = DEFAULT_SEED) -> HaremSample:
         aois=aois,
         sites=sites,
         harmless=harmless,
+        buildings=buildings,
     )
 
 
@@ -2832,6 +2854,7 @@ def write_sample(
         ("aois", lambda p: _write_geojson(p, sample.aois, "aois")),
         ("sites", lambda p: _write_geojson(p, sample.sites, "sites")),
         ("harmless", lambda p: _write_geojson(p, sample.harmless, "harmless")),
+        ("buildings", lambda p: _write_geojson(p, sample.buildings, "buildings")),
     ]
     for name, write in writers:
         final = paths[name]
