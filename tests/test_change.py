@@ -91,3 +91,14 @@ def test_otsu_valid_constant_and_empty():
     assert change.threshold_otsu_valid(np.full((4, 4), 0.2)) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="no finite"):
         change.threshold_otsu_valid(np.full((4, 4), np.nan))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+@pytest.mark.parametrize("sigma", [0.6, 1.5, 3.2])
+def test_gaussian_equals_scipy(mode, sigma):
+    from scipy import ndimage as ndi
+
+    from changedetect.change import gaussian
+
+    a = textured((97, 131)).astype(np.float32)
+    np.testing.assert_allclose(gaussian(a, sigma, mode), ndi.gaussian_filter(a, sigma, mode=mode), atol=1e-6)

@@ -131,6 +131,9 @@ class StripLabeler:
         self._bases.append(base)
         self._row0.append(r0)
         flat = lab.ravel()
+        # reductions over the labelled pixels only (usually a small share of the strip)
+        sel = np.flatnonzero(flat) if sums or maxima else None
+        ids = flat[sel] if sel is not None else None
         self._counts.append(np.bincount(flat, minlength=n + 1)[1:])
         touch = np.zeros(n + 1, bool)
         if n:
@@ -142,12 +145,15 @@ class StripLabeler:
                 touch[lab[-1]] = True
         self._touch.append(touch[1:])
         for name, values in (sums or {}).items():
-            w = np.where(np.isfinite(values), values, 0).astype(np.float64, copy=False).ravel()
-            self._sums.setdefault(name, []).append(np.bincount(flat, weights=w, minlength=n + 1)[1:])
+            v = np.asarray(values).ravel()[sel].astype(np.float64)
+            v[~np.isfinite(v)] = 0.0
+            self._sums.setdefault(name, []).append(np.bincount(ids, weights=v, minlength=n + 1)[1:])
         for name, values in (maxima or {}).items():
-            v = np.where(np.isfinite(values), values, -np.inf)
-            m = ndi.maximum(v, lab, np.arange(1, n + 1)) if n else np.zeros(0)
-            self._max.setdefault(name, []).append(np.asarray(m, np.float64))
+            v = np.asarray(values).ravel()[sel].astype(np.float64)
+            v[~np.isfinite(v)] = -np.inf
+            m = np.full(n + 1, -np.inf)
+            np.maximum.at(m, ids, v)
+            self._max.setdefault(name, []).append(m[1:])
         if self._prev is not None and n:
             cur = np.where(lab[0] > 0, lab[0] + base, 0)
             prev = self._prev

@@ -43,19 +43,30 @@ def clean_local(
     :func:`local_reach_px` of it (outside the array counts as background), so
     the function can be run on strips with that halo.
     """
-    out = mask.astype(bool, copy=True)
+    import cv2
+
+    def erode(a: np.ndarray, se: np.ndarray) -> np.ndarray:
+        # OpenCV's binary morphology equals scipy's (symmetric element, outside = 0), ~10x faster.
+        return cv2.erode(a.view(np.uint8), se, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+
+    def dilate(a: np.ndarray, se: np.ndarray) -> np.ndarray:
+        return cv2.dilate(a.view(np.uint8), se, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+
+    out = np.ascontiguousarray(mask, dtype=bool)
     if open_radius_m > 0:
-        se = _disk(open_radius_m / pixel_size)
-        opened = ndi.binary_opening(out, structure=se)
+        se = _disk(open_radius_m / pixel_size).astype(np.uint8)
+        opened = dilate(erode(out, se), se)
         # Give back the corners the disk cannot reach (pixels of the mask within the
         # radius of what survived), so square objects keep their exact area while
         # lines and specks narrower than the disk stay removed.
-        out = opened | (out & ndi.binary_dilation(opened, structure=se))
+        out = opened | (out & dilate(opened, se))
+    elif out is mask:
+        out = out.copy()
     if close_radius_m > 0:
-        se = _disk(close_radius_m / pixel_size)
+        se = _disk(close_radius_m / pixel_size).astype(np.uint8)
         pad = se.shape[0]
         padded = np.pad(out, pad)
-        out = ndi.binary_closing(padded, structure=se)[pad:-pad, pad:-pad]
+        out = np.ascontiguousarray(erode(dilate(padded, se), se)[pad:-pad, pad:-pad])
     return out
 
 

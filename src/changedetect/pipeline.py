@@ -507,7 +507,7 @@ def _summary(config, aois, damage, per_aoi_stats, pixel_size, threshold_info, re
 
 
 #: The quicklook is drawn from at most this many pixels per side (block averages above).
-QUICKLOOK_MAX_SIDE = 2048
+QUICKLOOK_MAX_SIDE = 1024
 
 
 def _write_quicklook(path: Path, rb: io.RasterReader, ra: io.RasterReader, score_path: Path, det: Any,
@@ -516,14 +516,25 @@ def _write_quicklook(path: Path, rb: io.RasterReader, ra: io.RasterReader, score
     from .quicklook import quicklook
 
     f = max(1, math.ceil(max(region.height, region.width) / QUICKLOOK_MAX_SIDE))
-    shape = None if f == 1 else (math.ceil(region.height / f), math.ceil(region.width / f))
-    win = (region.r0, region.r1, region.c0, region.c1)
-    before, bvalid = rb.read_raw(*win, out_shape=shape)
-    after, avalid = ra.read_raw(*win, out_shape=shape)
+    step = max(f, (max(1, (1 << 22) // max(region.width, 1)) // f) * f)
+
+    def decimated(read: Any, r0: int, c0: int) -> tuple[np.ndarray, np.ndarray]:
+        parts, masks = [], []
+        for a in range(0, region.height, step):
+            b = min(region.height, a + step)
+            arr, ok = read(r0 + a, r0 + b, c0, c0 + region.width)
+            mean, good = streaming.block_mean(np.nan_to_num(arr), ok, f, all_valid=False)
+            parts.append(mean)
+            masks.append(good)
+        return np.concatenate(parts, axis=1), np.concatenate(masks, axis=0)
+
+    before, bvalid = decimated(rb.read_raw, region.r0, region.c0)
+    after, avalid = decimated(ra.read_raw, region.r0, region.c0)
     before = np.nan_to_num(before) / np.float32(rb.scale)
     after = det.normalisation.apply(np.nan_to_num(after) / np.float32(ra.scale), bvalid & avalid)
     with io.RasterReader(score_path, scale=1.0) as rs:
-        score, svalid = rs.read_raw(0, region.height, out_shape=shape)
+        score, svalid = decimated(rs.read_raw, 0, 0)
+        score = np.where(svalid, score, np.nan)
     quicklook(path, before=before, after=after, score=score[0], threshold=det.threshold, grid=det.grid,
               damage=det.damage, aois=aois, title=title)
 

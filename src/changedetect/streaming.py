@@ -99,6 +99,53 @@ def _decimated(grid: Grid, f: int) -> Grid:
     return Grid(grid.crs, grid.transform * Affine.scale(f), math.ceil(grid.width / f), math.ceil(grid.height / f))
 
 
+def block_mean(data: np.ndarray, valid: np.ndarray, f: int, *, all_valid: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Average ``f x f`` pixel blocks of ``(bands, rows, cols)`` data over its valid pixels.
+
+    Edge blocks may be partial. A block is valid when all its pixels are
+    (``all_valid``) or when any is. Invalid blocks are NaN.
+    """
+    b, h, w = data.shape
+    hh, ww = -(-h // f), -(-w // f)
+    d = np.zeros((b, hh * f, ww * f), np.float32)
+    m = np.zeros((hh * f, ww * f), np.float32)
+    d[:, :h, :w] = np.where(valid, data, 0)
+    m[:h, :w] = valid
+    sums = d.reshape(b, hh, f, ww, f).sum(axis=(2, 4))
+    counts = m.reshape(hh, f, ww, f).sum(axis=(1, 3))
+    full = np.zeros((hh * f, ww * f), np.float32)
+    full[:h, :w] = 1
+    size = full.reshape(hh, f, ww, f).sum(axis=(1, 3))
+    ok = counts >= size if all_valid else counts > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(ok, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+    return out, ok
+
+
+def _decimated_warp(
+    path: Path, grid: Grid, f: int, *, bands: list[int], resampling: str, max_pixels: int, model: Any = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The raster warped onto ``grid`` (through ``model`` if given), averaged over f x f blocks.
+
+    Done strip by strip, so memory stays that of a strip and of the result.
+    """
+    rows = max(f, (rows_per_strip(grid.width) // f) * f)
+    parts, masks = [], []
+    dtype = "float32"
+    for s in strips(0, grid.height, size=rows, halo=0):
+        sgrid = grid.window_grid(s.r0, 0, s.rows, grid.width)
+        if model is None:
+            arr, ok, dtype, _ = io.warp_to_grid(path, sgrid, bands=bands, resampling=resampling,
+                                                max_pixels=max_pixels, check=False)
+        else:
+            arr, ok, dtype, _ = io.warp_with_model(path, sgrid, coreg.reframe(model, 1.0, (s.r0, 0)), bands=bands,
+                                                   resampling=resampling, max_pixels=max_pixels, check=False)
+        mean, good = block_mean(np.nan_to_num(arr), ok, f)
+        parts.append(mean)
+        masks.append(good)
+    return np.concatenate(parts, axis=1), np.concatenate(masks, axis=0), dtype
+
+
 def _stable_area(reg: coreg.Registration, shape: tuple[int, int]) -> np.ndarray:
     """Pixels of the windows of the accepted tie points (content that matches in both dates)."""
     out = np.zeros(shape, bool)
@@ -153,7 +200,6 @@ def estimate_alignment(
     """
     f = estimation_factor(grid, estimation_pixels)
     egrid = _decimated(grid, f)
-    measure = resampling if f == 1 else "average"
     if reference is not None and f == 1:
         before, bvalid = reference
         lum_b = _lum(before)
@@ -162,9 +208,8 @@ def estimate_alignment(
         lum_b = _lum(before)
         del before
     else:
-        raw_b, bvalid, bdtype, _ = io.warp_to_grid(
-            before_path, egrid, bands=bands, resampling="average", max_pixels=max_pixels, check=False
-        )
+        raw_b, bvalid, bdtype = _decimated_warp(before_path, grid, f, bands=bands, resampling="nearest",
+                                                max_pixels=max_pixels)
         bscale = 255.0 if np.dtype(bdtype) == np.uint8 else io._robust_scale(np.nan_to_num(raw_b), bvalid)
         raw_b = np.nan_to_num(raw_b) / np.float32(bscale)
         raw_b[:, ~bvalid] = 0.0
@@ -172,9 +217,15 @@ def estimate_alignment(
         del raw_b
     if not bvalid.any():
         raise DataError(f"{before_path}: has no valid pixel")
-    raw, avalid, dtype, nodata = io.warp_to_grid(
-        after_path, egrid, bands=bands, resampling=measure, max_pixels=max_pixels
-    )
+    if f == 1:
+        raw, avalid, dtype, nodata = io.warp_to_grid(
+            after_path, egrid, bands=bands, resampling=resampling, max_pixels=max_pixels
+        )
+    else:
+        io.check_readable(after_path, bands=bands, max_pixels=max_pixels)
+        raw, avalid, dtype = _decimated_warp(after_path, grid, f, bands=bands, resampling=resampling,
+                                             max_pixels=max_pixels)
+        nodata = io.raster_info(after_path, max_pixels=max_pixels).nodata
     if not avalid.any():
         raise DataError(f"{after_path}: has no valid pixel over the before image")
     if not (avalid & bvalid).any():
@@ -209,9 +260,13 @@ def estimate_alignment(
     )
     est = reg.shift
     full_model = reg.model if f == 1 else coreg.reframe(reg.model, 1.0 / f, (-(f - 1) / (2 * f),) * 2)
-    aligned, svalid, _, _ = io.warp_with_model(
-        after_path, egrid, reg.model, bands=bands, resampling=measure, max_pixels=max_pixels, check=False
-    )
+    if f == 1:
+        aligned, svalid, _, _ = io.warp_with_model(
+            after_path, egrid, reg.model, bands=bands, resampling=resampling, max_pixels=max_pixels, check=False
+        )
+    else:
+        aligned, svalid, _ = _decimated_warp(after_path, grid, f, bands=bands, resampling=resampling,
+                                             max_pixels=max_pixels, model=full_model)
     lum_new = _lum(np.nan_to_num(aligned) / np.float32(scale))
     kept = (aligned, svalid) if keep_aligned and f == 1 else None
     del aligned
