@@ -312,8 +312,15 @@ _CV2_INTERP = {"nearest": 0, "bilinear": 1, "cubic": 2, "lanczos": 4}  # cv2.INT
 
 
 def _fast_warp_possible(src: Any, grid: Grid, resampling: str) -> bool:
-    """True when the warp is an affine map between pixel grids of one CRS (OpenCV can do it)."""
+    """True when the warp is an affine map between pixel grids of one CRS (OpenCV can do it).
+
+    Only without downsampling (at most 1.5 source pixels per output pixel):
+    OpenCV's kernels do not widen to average a coarser output, GDAL's do.
+    """
     if resampling not in _CV2_INTERP or max(grid.width, src.width) >= 32767:
+        return False
+    a = ~src.transform * grid.transform
+    if abs(a.a * a.e - a.b * a.d) > 1.5 ** 2:
         return False
     try:
         return src.crs is not None and src.crs == rasterio.crs.CRS.from_user_input(grid.crs)

@@ -47,7 +47,7 @@ from .tiling import STRIP_PIXELS, rows_per_strip, sample_bands, strips
 #: Scenes with more pixels than this are co-registered on block-averaged copies
 #: (f x f blocks, f the smallest integer that brings them within it); the model
 #: is then applied to the full-resolution pixels.
-COREG_MAX_PIXELS = 1 << 24
+COREG_MAX_PIXELS = 1 << 23
 
 #: SSIM centring constant for images scaled to about [0, 1] (the same for every
 #: strip, so every strip gets the values of a whole-scene pass).

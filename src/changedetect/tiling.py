@@ -20,7 +20,7 @@ __all__ = ["Strip", "strips", "sample_bands", "rows_per_strip"]
 
 #: Pixels per strip (core plus halo) that the stages are sized for: about 16 MB
 #: per float32 buffer; a stage holds a few dozen such buffers.
-STRIP_PIXELS = 1 << 22
+STRIP_PIXELS = 1 << 21
 
 #: Rows of one sample band.
 BAND_ROWS = 64
