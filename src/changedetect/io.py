@@ -932,6 +932,10 @@ class RasterReader:
     def shape(self) -> tuple[int, int]:
         return self._src.height, self._src.width
 
+    @property
+    def dtype(self) -> str:
+        return self._src.dtypes[0]
+
     def _read(self, win: Any) -> tuple[np.ndarray, np.ndarray]:
         try:
             data = self._src.read(self.indexes, window=win, out_dtype="float32")
@@ -1032,3 +1036,66 @@ class StripWriter:
     def abort(self) -> None:
         """Discard everything written."""
         self._cleanup()
+
+
+def read_averaged(path: str | os.PathLike, grid: Grid, *, bands: list[int] | None = None, factor: int = 2,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bands of a raster on a coarse ``grid``: block means of ``factor`` x ``factor`` pixels, then a warp.
+
+    The part of the file under ``grid`` is read in row strips and averaged
+    (valid pixels only), and the small result is warped onto ``grid``
+    (bilinear, GDAL). Values in source units, NaN where there is no data.
+    """
+    import math
+
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import Window, from_bounds as window_from_bounds
+
+    from .tiling import block_mean
+
+    path = Path(path)
+    with open_raster(path, max_pixels=max_pixels) as src:
+        indexes = _check_bands(path, src.count, bands)
+        left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
+        win = window_from_bounds(left, bottom, right, top, src.transform)
+        c0 = max(int(math.floor(win.col_off)) - factor, 0)
+        r0 = max(int(math.floor(win.row_off)) - factor, 0)
+        c1 = min(int(math.ceil(win.col_off + win.width)) + factor, src.width)
+        r1 = min(int(math.ceil(win.row_off + win.height)) + factor, src.height)
+        out = np.full((len(indexes), grid.height, grid.width), np.nan, np.float32)
+        if c0 >= c1 or r0 >= r1:
+            return out
+        ovr = [f for f in src.overviews(indexes[0]) if f <= factor]
+        if ovr:
+            # a pyramid level of the file (a COG's overview): GDAL reads it instead of every pixel
+            level = max(ovr)
+            shape = (len(indexes), max(1, (r1 - r0) // level), max(1, (c1 - c0) // level))
+            win = Window(c0, r0, shape[2] * level, shape[1] * level)
+            try:
+                data = src.read(indexes, window=win, out_shape=shape, out_dtype="float32",
+                                resampling=Resampling.average)
+                masks = src.read_masks(indexes, window=win, out_shape=shape)
+            except RasterioError as exc:
+                raise _unreadable(path, exc) from exc
+            ok = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+            small = np.where(ok, data, np.float32(np.nan))
+            factor = level
+        else:
+            step = max(factor, ((1 << 21) // max(c1 - c0, 1)) // factor * factor)
+            parts = []
+            for a in range(r0, r1, step):
+                b = min(r1, a + step)
+                try:
+                    data = src.read(indexes, window=Window(c0, a, c1 - c0, b - a), out_dtype="float32")
+                    masks = src.read_masks(indexes, window=Window(c0, a, c1 - c0, b - a))
+                except RasterioError as exc:
+                    raise _unreadable(path, exc) from exc
+                ok = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+                parts.append(block_mean(np.nan_to_num(data), ok, factor, all_valid=False)[0])
+            small = np.concatenate(parts, axis=1)
+        t = src.transform * rasterio.Affine.translation(c0, r0) * rasterio.Affine.scale(factor)
+        for i in range(small.shape[0]):
+            reproject(small[i], out[i], src_transform=t, src_crs=src.crs, src_nodata=np.nan,
+                      dst_transform=grid.transform, dst_crs=grid.crs, dst_nodata=np.nan,
+                      resampling=Resampling.bilinear)
+        return out

@@ -246,9 +246,16 @@ def _display_bands(info: io.RasterInfo) -> list[int]:
 
 
 def _read(path: Path, grid: Grid, bands: list[int], native_res: float) -> np.ndarray:
-    """Bands of ``path`` on ``grid`` (NaN where no data): nearest at native resolution, else bilinear."""
-    resampling = "nearest" if grid.res[0] <= 1.5 * native_res else "bilinear"
-    arr, _, _, _ = io.warp_to_grid(path, grid, bands=bands, resampling=resampling)
+    """Bands of ``path`` on ``grid`` (NaN where no data): nearest at native resolution, else bilinear.
+
+    For a coarser grid the file is first averaged over blocks of about the grid's
+    pixel size (:func:`changedetect.io.read_averaged`), so a view of a large
+    scene reads each pixel once and needs no more memory than the view.
+    """
+    factor = int(grid.res[0] // native_res)
+    if factor >= 2:
+        return io.read_averaged(path, grid, bands=bands, factor=factor)
+    arr, _, _, _ = io.warp_to_grid(path, grid, bands=bands, resampling="nearest", check=False)
     return arr
 
 

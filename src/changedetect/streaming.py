@@ -42,7 +42,7 @@ from . import damage as damage_mod
 from .components import BitMask, StripLabeler, clean_mask_strips, refine_boundaries_strips
 from .errors import CoregistrationWarning, DataError, NoOverlapError
 from .grid import Grid
-from .tiling import STRIP_PIXELS, rows_per_strip, sample_bands, strips
+from .tiling import STRIP_PIXELS, block_mean, rows_per_strip, sample_bands, strips
 
 #: Scenes with more pixels than this are co-registered on block-averaged copies
 #: (f x f blocks, f the smallest integer that brings them within it); the model
@@ -97,29 +97,6 @@ def _decimated(grid: Grid, f: int) -> Grid:
     if f == 1:
         return grid
     return Grid(grid.crs, grid.transform * Affine.scale(f), math.ceil(grid.width / f), math.ceil(grid.height / f))
-
-
-def block_mean(data: np.ndarray, valid: np.ndarray, f: int, *, all_valid: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Average ``f x f`` pixel blocks of ``(bands, rows, cols)`` data over its valid pixels.
-
-    Edge blocks may be partial. A block is valid when all its pixels are
-    (``all_valid``) or when any is. Invalid blocks are NaN.
-    """
-    b, h, w = data.shape
-    hh, ww = -(-h // f), -(-w // f)
-    d = np.zeros((b, hh * f, ww * f), np.float32)
-    m = np.zeros((hh * f, ww * f), np.float32)
-    d[:, :h, :w] = np.where(valid, data, 0)
-    m[:h, :w] = valid
-    sums = d.reshape(b, hh, f, ww, f).sum(axis=(2, 4))
-    counts = m.reshape(hh, f, ww, f).sum(axis=(1, 3))
-    full = np.zeros((hh * f, ww * f), np.float32)
-    full[:h, :w] = 1
-    size = full.reshape(hh, f, ww, f).sum(axis=(1, 3))
-    ok = counts >= size if all_valid else counts > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(ok, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
-    return out, ok
 
 
 def _decimated_warp(
@@ -503,6 +480,20 @@ class Detector:
     def _rows(self, width: int, halo: int) -> int:
         return max(16, self.strip_pixels // max(width, 1) - 2 * halo)
 
+    def _normaliser(self, norm: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """``norm.apply``, through a lookup table when the after image is 8-bit (same values, faster)."""
+        if self.after.dtype != "uint8" or self.after.scale != 255.0:
+            return norm.apply
+        levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+        lut = norm.apply(np.tile(levels, (norm.bands, 1)))
+
+        def apply(aft: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            idx = np.rint(aft * np.float32(255.0)).astype(np.uint8)
+            out = np.take_along_axis(lut, idx.reshape(idx.shape[0], -1), axis=1).reshape(aft.shape)
+            return np.where(valid, out, aft).astype(np.float32, copy=False)
+
+        return apply
+
     def _read(self, h0: int, h1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         b, bv = self.before.read(h0, h1, c0, c1)
         a, av = self.after.read(h0, h1, c0, c1)
@@ -547,12 +538,13 @@ class Detector:
         cc0, cc1 = max(0, region.c0 - halo), min(self.grid.width, region.c1 + halo)
         cols = slice(region.c0 - cc0, region.c1 - cc0)
         samples = []
+        normalise = self._normaliser(norm)
         bands = sample_bands(region.r0, region.r1, region.width)
         total = sum(b - a for a, b in bands)
         for a, b in bands:
             for s in strips(a, b, size=self._rows(cc1 - cc0, halo), halo=halo, hi=self.grid.height):
                 bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
-                aft = norm.apply(aft, valid)
+                aft = normalise(aft, valid)
                 samples.append(change_mod.scene_samples(
                     bef, aft, valid=valid, rows=s.core, cols=cols, pixel_size=self.pixel_size,
                     ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m, center=SSIM_CENTER,
@@ -587,9 +579,10 @@ class Detector:
         try:
             per_aoi = {i: {"analysed": 0, "ssim_sum": 0.0} for i in range(1, n_aoi + 1)}
             lo, hi, n_inside = np.inf, -np.inf, 0
+            normalise = self._normaliser(norm)
             for s in strips(region.r0, region.r1, size=self._rows(cc1 - cc0, halo), halo=halo, hi=grid.height):
                 bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
-                aft = norm.apply(aft, valid)
+                aft = normalise(aft, valid)
                 layers = change_mod.change_layers(
                     bef, aft, valid=valid, pixel_size=self.pixel_size, ssim_sigma_m=c.ssim_sigma_m,
                     smooth_m=c.smooth_m, difference_z=c.difference_z, vegetation_z=tuple(c.vegetation_z),

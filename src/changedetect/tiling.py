@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Strip", "strips", "sample_bands", "rows_per_strip"]
+import numpy as np
+
+__all__ = ["Strip", "block_mean", "rows_per_strip", "sample_bands", "strips"]
 
 #: Pixels per strip (core plus halo) that the stages are sized for: about 16 MB
 #: per float32 buffer; a stage holds a few dozen such buffers.
@@ -110,3 +112,32 @@ def sample_bands(r0: int, r1: int, width: int, *, max_pixels: int = 1 << 21) -> 
         else:
             out.append((a, b))
     return out
+
+
+def block_mean(data: np.ndarray, valid: np.ndarray, f: int, *, all_valid: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Average ``f x f`` pixel blocks of ``(bands, rows, cols)`` data over its valid pixels.
+
+    Edge blocks may be partial. A block is valid when all its pixels are
+    (``all_valid``) or when any is. Invalid blocks are NaN.
+    """
+    import cv2
+
+    b, h, w = data.shape
+    hh, ww = -(-h // f), -(-w // f)
+    size_hw, n = (ww, hh), float(f * f)
+
+    def area(x: np.ndarray) -> np.ndarray:
+        # exact block sums (OpenCV's area interpolation for an integer factor)
+        pad = np.zeros((hh * f, ww * f), np.float32)
+        pad[:h, :w] = x
+        return cv2.resize(pad, size_hw, interpolation=cv2.INTER_AREA) * n
+
+    counts = area(valid.astype(np.float32))
+    size = area(np.ones((h, w), np.float32))
+    ok = counts >= size - 0.5 if all_valid else counts > 0.5
+    out = np.empty((b, hh, ww), np.float32)
+    for i in range(b):
+        sums = area(np.where(valid, data[i], np.float32(0)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[i] = np.where(ok, sums / np.maximum(counts, 1), np.nan)
+    return out, ok
