@@ -569,33 +569,25 @@ def coregister_files(
     tinfo = io.raster_info(target, max_pixels=max_pixels)
     _overlap_window(rinfo, tinfo)
     common = list(range(1, min(rinfo.count, tinfo.count) + 1))
-    before, bvalid, _ = io.read_grid(reference, bands=common, max_pixels=max_pixels)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="changedetect-ties-") as tmp:
-        tmp_ties = Path(tmp) / "tie_points.geojson"
-        aligned, valid, report, (dtype, _) = coregister_pair(
-            reference, target, grid=rinfo.grid, bands=common, max_shift_px=max_shift_px,
-            upsample=upsample, resampling=resampling, max_pixels=max_pixels, reference=(before, bvalid),
-            model=model, tie_points_path=tmp_ties, apply_bands=list(range(1, tinfo.count + 1)),
+    with io.gdal_env():
+        align = streaming.estimate_alignment(
+            reference, target, grid=rinfo.grid, bands=common, max_shift_px=max_shift_px, upsample=upsample,
+            resampling=resampling, max_pixels=max_pixels, model=model,
         )
-        ties_bytes = tmp_ties.read_bytes()
-    allbands = aligned
-    arr = np.nan_to_num(allbands)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        info = np.iinfo(np.dtype(dtype))
-        arr = np.clip(np.rint(arr), info.min, info.max)
-    report["reference"] = {**io.file_record(reference), "path": str(reference)}
-    report["target"] = {**io.file_record(target), "path": str(target)}
-    descriptions = [d or f"band {i}" for i, d in enumerate(tinfo.descriptions, start=1)]
-    io.write_cog(
-        out, arr.astype(dtype), rinfo.grid, valid=valid, overwrite=overwrite, descriptions=descriptions,
-        colorinterp=_colorinterp(tinfo, list(range(1, tinfo.count + 1))),
-        tags={"CHANGEDETECT_VERSION": __version__, "COREGISTRATION_SHIFT_PX": report["shift_px"]},
-    )
+        report = align.report
+        report["reference"] = {**io.file_record(reference), "path": str(reference)}
+        report["target"] = {**io.file_record(target), "path": str(target)}
+        descriptions = [d or f"band {i}" for i, d in enumerate(tinfo.descriptions, start=1)]
+        all_bands = list(range(1, tinfo.count + 1))
+        # the aligned image is written strip by strip: any size in bounded memory
+        streaming.write_aligned(
+            target, rinfo.grid, align.model, out, bands=all_bands, dtype=align.dtype, resampling=resampling,
+            max_pixels=max_pixels, descriptions=descriptions, colorinterp=_colorinterp(tinfo, all_bands),
+            tags={"CHANGEDETECT_VERSION": __version__, "COREGISTRATION_SHIFT_PX": report["shift_px"]},
+            overwrite=overwrite,
+        )
+        streaming.write_tie_points(ties_path, align, overwrite=overwrite)
     io.write_json(report_path, report, overwrite=overwrite)
-    with io.atomic_output(ties_path, overwrite=overwrite) as tmp_path:
-        tmp_path.write_bytes(ties_bytes)
     return report
 
 

@@ -301,7 +301,7 @@ def estimate_alignment(
     return Alignment(full_model, report, dtype, nodata, scale, f, reg.tie_points, egrid, kept)
 
 
-def write_tie_points(path: Path, alignment: Alignment) -> None:
+def write_tie_points(path: Path, alignment: Alignment, *, overwrite: bool = False) -> None:
     """tie_points.geojson: one point per tie window, its shift and whether the model used it.
 
     Positions come from the grid the points were measured on; rows, columns,
@@ -336,7 +336,7 @@ def write_tie_points(path: Path, alignment: Alignment) -> None:
             geometry=[Point(x, y) for x, y in zip(np.atleast_1d(xs), np.atleast_1d(ys), strict=True)],
             crs=crs,
         )
-    io.write_vector(path, gdf, layer="tie_points")
+    io.write_vector(path, gdf, layer="tie_points", overwrite=overwrite)
 
 
 def write_aligned(
