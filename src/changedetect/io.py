@@ -285,8 +285,8 @@ def warp_to_grid(
         indexes = _check_bands(path, src.count, bands)
         if check:
             _check_readable(src, path, indexes)
-        if _fast_warp_possible(src, grid, resampling):
-            out, valid = _warp_affine(src, path, indexes, grid, resampling)
+        if _translation_only(src, grid) and resampling in _TAPS:
+            out, valid = _warp_translate(src, path, indexes, grid, resampling)
             return out, valid, src.dtypes[0], src.nodata
         out = np.full((len(indexes), grid.height, grid.width), np.nan, dtype=np.float32)
         try:
@@ -307,78 +307,83 @@ def warp_to_grid(
         return out, valid, src.dtypes[0], src.nodata
 
 
-#: OpenCV interpolation of each resampling method that :func:`_warp_affine` serves.
-_CV2_INTERP = {"nearest": 0, "bilinear": 1, "cubic": 2, "lanczos": 4}  # cv2.INTER_*
+def _keys(t: float, a: float = -0.5) -> np.ndarray:
+    """Weights of the 4 taps (-1, 0, 1, 2) of Keys' cubic convolution at fraction ``t`` (GDAL's cubic)."""
+    d = np.abs(np.array([1 + t, t, 1 - t, 2 - t]))
+    w = np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
+                 np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
+    return w / w.sum()
 
 
-def _fast_warp_possible(src: Any, grid: Grid, resampling: str) -> bool:
-    """True when the warp is an affine map between pixel grids of one CRS (OpenCV can do it).
+#: 4-tap weights (taps -1, 0, 1, 2) of each resampling that :func:`_warp_translate` serves.
+_TAPS = {
+    "cubic": _keys,
+    "bilinear": lambda t: np.array([0.0, 1 - t, t, 0.0]),
+    "nearest": lambda t: np.array([0.0, 1.0, 0.0, 0.0]) if t < 0.5 else np.array([0.0, 0.0, 1.0, 0.0]),
+}
 
-    Only without downsampling (at most 1.5 source pixels per output pixel):
-    OpenCV's kernels do not widen to average a coarser output, GDAL's do.
-    """
-    if resampling not in _CV2_INTERP or max(grid.width, src.width) >= 32767:
-        return False
-    a = ~src.transform * grid.transform
-    if abs(a.a * a.e - a.b * a.d) > 1.5 ** 2:
-        return False
+
+def _translation_only(src: Any, grid: Grid) -> bool:
+    """True when the output grid is the source grid shifted (same CRS, pixel size and axes)."""
     try:
-        return src.crs is not None and src.crs == rasterio.crs.CRS.from_user_input(grid.crs)
+        same = src.crs is not None and src.crs == rasterio.crs.CRS.from_user_input(grid.crs)
     except Exception:  # noqa: BLE001 - an unparsable CRS goes the GDAL way
         return False
+    a = ~src.transform * grid.transform
+    return same and abs(a.a - 1) < 1e-9 and abs(a.e - 1) < 1e-9 and abs(a.b) < 1e-12 and abs(a.d) < 1e-12
 
 
-def _warp_affine(src: Any, path: Path, indexes: list[int], grid: Grid, resampling: str,
-                 rows_per_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Resample onto ``grid`` when it is an affine map of the source's pixels (same CRS).
+def _warp_translate(src: Any, path: Path, indexes: list[int], grid: Grid, resampling: str,
+                    rows_per_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Resample onto a shifted copy of the source grid: one separable 4-tap filter per band.
 
-    About 15 times faster than GDAL's warper on two cores (OpenCV's
-    ``warpAffine``, in row blocks that read only the source window they need).
-    OpenCV's cubic kernel is Keys' with a = -0.75 (GDAL's: -0.5); both
-    interpolate, neither shifts content. Source pixels without data are filled
-    with the band mean before interpolation, and an output pixel is valid when
-    all of its bilinear support lies on valid source pixels.
+    The same kernels as GDAL (cubic: Keys, a = -0.5; bilinear; nearest), applied
+    by OpenCV's separable filter on the source window of each row block: many
+    times faster than GDAL's general warper, and as accurate. An output pixel is
+    valid when every source pixel under its taps is.
     """
     import cv2
     from rasterio.windows import Window
 
-    # output pixel centre (c, r) -> source pixel centre coordinates (x, y)
     a = ~src.transform * grid.transform
-    m = np.array([[a.a, a.b, 0.5 * (a.a + a.b) + a.c - 0.5],
-                  [a.d, a.e, 0.5 * (a.d + a.e) + a.f - 0.5]], np.float64)
+    # source pixel-centre coordinate of output pixel centre (r, c): (r + dy, c + dx)
+    dx, dy = a.c, a.f
+    ix, iy = int(np.floor(dx)), int(np.floor(dy))
+    kx = _TAPS[resampling](dx - ix).astype(np.float32)
+    ky = _TAPS[resampling](dy - iy).astype(np.float32)
     rows, cols = grid.height, grid.width
     out = np.full((len(indexes), rows, cols), np.nan, np.float32)
     valid = np.zeros((rows, cols), bool)
-    interp = _CV2_INTERP[resampling] | cv2.WARP_INVERSE_MAP
-    margin = 6
+    x0 = ix - 1
     for r0 in range(0, rows, rows_per_block):
         r1 = min(rows, r0 + rows_per_block)
-        corners = np.array([[0, r0, 1], [cols - 1, r0, 1], [0, r1 - 1, 1], [cols - 1, r1 - 1, 1]], np.float64).T
-        xs, ys = m @ corners
-        x0 = max(int(np.floor(xs.min())) - margin, 0)
-        y0 = max(int(np.floor(ys.min())) - margin, 0)
-        x1 = min(int(np.ceil(xs.max())) + margin + 1, src.width)
-        y1 = min(int(np.ceil(ys.max())) + margin + 1, src.height)
-        if x0 >= x1 or y0 >= y1:
+        y0 = r0 + iy - 1
+        h, w = r1 - r0 + 3, cols + 3
+        # the part of the window inside the source
+        sy0, sy1 = max(y0, 0), min(y0 + h, src.height)
+        sx0, sx1 = max(x0, 0), min(x0 + w, src.width)
+        if sy0 >= sy1 or sx0 >= sx1:
             continue
-        win = Window(x0, y0, x1 - x0, y1 - y0)
+        win = Window(sx0, sy0, sx1 - sx0, sy1 - sy0)
         try:
             data = src.read(indexes, window=win, out_dtype="float32")
             masks = src.read_masks(indexes, window=win)
         except RasterioError as exc:
             raise _unreadable(path, exc) from exc
         ok = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
-        mb = m.copy()
-        mb[:, 2] += m[:, 1] * r0 - np.array([x0, y0])
-        size = (cols, r1 - r0)
-        support = cv2.warpAffine(ok.astype(np.float32), mb, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-        good = support >= 1.0 - 1e-4
+        pad = ((sy0 - y0, y0 + h - sy1), (sx0 - x0, x0 + w - sx1))
+        okp = np.pad(ok, pad, mode="constant", constant_values=False)
+        need = np.ones((4, 4), np.uint8)
+        need[:, kx == 0] = 0
+        need[ky == 0, :] = 0
+        good = cv2.erode(okp.view(np.uint8), need, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT,
+                         borderValue=0)[: r1 - r0, :cols].view(bool)
         for i, band in enumerate(data):
             if not ok.all():
                 band = np.where(ok, band, np.float32(band[ok].mean()) if ok.any() else np.float32(0))
-            res = cv2.warpAffine(band, mb, size, flags=interp, borderMode=cv2.BORDER_REPLICATE)
-            out[i, r0:r1] = np.where(good, res, np.float32(np.nan))
+            bp = np.pad(band, pad, mode="edge")
+            res = cv2.sepFilter2D(bp, -1, kx, ky, anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+            out[i, r0:r1] = np.where(good, res[: r1 - r0, :cols], np.float32(np.nan))
         valid[r0:r1] = good
     return out, valid
 
