@@ -204,3 +204,41 @@ def test_outputs_load_and_render_in_qgis(runner, pair, tmp_path):
     # the run must still verify.
     res = runner.invoke(cli, ["verify", str(out)])
     assert res.exit_code == 0, res.output + res.stderr
+
+
+@pytest.mark.qgis
+def test_building_layers_load_and_render_in_qgis(runner, pair, tmp_path):
+    """buildings.geojson (by grade) and ground_changes.geojson load styled and draw in QGIS."""
+    _require_qgis()
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from test_publish import CHANGE_XY
+
+    before, after = pair
+    x, y = CHANGE_XY
+    footprints = tmp_path / "footprints.geojson"
+    # one footprint on a fifth of the planted change (so it is a ground change), one on intact ground
+    gpd.GeoDataFrame(geometry=[box(x - 5, y - 5, x - 3, y + 5), box(x + 20, y + 20, x + 30, y + 30)],
+                     crs="EPSG:32637").to_file(footprints)
+    out = tmp_path / "out"
+    res = runner.invoke(cli, ["detect", str(before), str(after), "-o", str(out), "--buildings", str(footprints)])
+    assert res.exit_code == 0, res.output
+    proc = subprocess.run([QGIS_PYTHON, str(CHECK), str(out), str(tmp_path / "render.png")], env=_qgis_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    report = json.loads(proc.stdout)
+    layers = report["layers"]
+    buildings = layers["buildings.geojson"]
+    assert buildings["valid"] and buildings["feature_count"] == 2
+    assert buildings["style"]["renderer"] == "categorizedSymbol"
+    assert buildings["style"]["attribute"] == "grade"
+    assert [c["value"] for c in buildings["style"]["categories"]][:4] == ["destroyed", "severe", "moderate", "possible"]
+    assert buildings["render_nonblank_pixels"] > 0
+    assert layers["layers.gpkg|buildings"]["style"]["renderer"] == "categorizedSymbol"
+    ground = gpd.read_file(out / "ground_changes.geojson")
+    assert len(ground) >= 1
+    assert layers["ground_changes.geojson"]["valid"]
+    assert layers["ground_changes.geojson"]["feature_count"] == len(ground)
+    assert layers["ground_changes.geojson"]["style"]["renderer"] == "singleSymbol"
+    tree = [t["name"] for t in report["projects"]["project.qgs"]["tree"]]
+    assert "buildings by damage grade" in tree and "changes off the building footprints" in tree

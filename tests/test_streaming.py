@@ -165,3 +165,30 @@ def test_buildings_are_graded_one_by_one(big_pair, tmp_path):
     assert list(graded["grade"][3:]) == ["no damage"] * 2
     assert res.summary["buildings"]["by_grade"]["destroyed"] == 3
     assert (res.outdir / "buildings.qml").is_file()
+
+
+def test_changes_off_the_footprints_go_to_ground_changes(big_pair, tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    before, after = big_pair
+    with rasterio.open(before) as src:
+        t = src.transform
+
+    def footprint(r, c, h, w):
+        (x0, y0), (x1, y1) = t * (c, r), t * (c + w, r + h)
+        return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+    # footprints for the first two planted changes only: the third is a ground change
+    path = tmp_path / "footprints.geojson"
+    gpd.GeoDataFrame(geometry=[footprint(*ch) for ch in CHANGES[:2]], crs="EPSG:32637").to_file(path)
+    res = run(_config(before, after, inputs={"before": str(before), "after": str(after), "buildings": str(path)}),
+              outdir=tmp_path / "out")
+    damage = gpd.read_file(res.outdir / "damage.geojson").to_crs("EPSG:32637")
+    ground = gpd.read_file(res.outdir / "ground_changes.geojson").to_crs("EPSG:32637")
+    third = footprint(*CHANGES[2])
+    assert not damage.intersects(third).any()
+    assert ground.intersects(third).sum() == 1
+    assert (ground["building_share"] < 0.3).all() and (damage["building_share"] >= 0.3).all()
+    assert res.summary["ground_change_count"] == len(ground)
+    assert (res.outdir / "ground_changes.qml").is_file()

@@ -321,11 +321,13 @@ def run(
             io.write_vector(out.file("aois.geojson"), aois, layer="aois")
             if det.buildings is not None:
                 io.write_vector(out.file("buildings.geojson"), det.buildings, layer="buildings")
+                io.write_vector(out.file("ground_changes.geojson"), det.ground_changes, layer="ground_changes")
 
             summary = _summary(config, aois, damage, det.per_aoi, pixel_size, det.threshold_info, report,
                                det.fit, det.noise)
             if det.buildings is not None:
                 summary["buildings"] = _building_summary(det.buildings)
+                summary["ground_change_count"] = len(det.ground_changes)
             if inputs.sites is not None:
                 sites = io.read_vector(inputs.sites, what="sites file").to_crs(ref_grid.crs)
                 sites = sites[sites.geometry.geom_type == "Point"]

@@ -54,7 +54,7 @@ PUBLISHED_NAMES = (
     "sites.geojson", "sites_uncertainty.geojson", "layers.gpkg",
     "after_coregistered.qml", "difference.qml", "ssim.qml", "score.qml",
     "damage.qml", "aois.qml", "sites.qml", "sites_uncertainty.qml", "tie_points.qml",
-    "buildings.qml", "project.qgs", "report.html", "threshold_sweep.csv", "threshold_sweep.png",
+    "buildings.qml", "ground_changes.qml", "project.qgs", "report.html", "threshold_sweep.csv", "threshold_sweep.png",
 )
 
 #: Input roles, in the order they are listed.
@@ -497,6 +497,9 @@ def publish_outputs(
     buildings_path = folder / "buildings.geojson"
     if buildings_path.is_file():
         layers["buildings"] = _read_layer(buildings_path, "buildings layer", crs)
+    ground_path = folder / "ground_changes.geojson"
+    if ground_path.is_file():
+        layers["ground_changes"] = _read_layer(ground_path, "ground changes layer", crs)
 
     # styles beside every layer (and inside the GeoPackage).
     if len(layers["aois"]) == 0:
@@ -520,6 +523,8 @@ def publish_outputs(
         styles["tie_points"] = st.tie_points_style()
     if "buildings" in layers:
         styles["buildings"] = st.buildings_style()
+    if "ground_changes" in layers:
+        styles["ground_changes"] = st.ground_changes_style()
     qml = {name: st.qml_text(style) for name, style in styles.items()}
     for name, text in qml.items():
         written.append(_write_text(folder / f"{name}.qml", text))
@@ -570,6 +575,8 @@ def _project(summary: dict[str, Any], crs: str, layers: dict[str, Any], styles: 
     assessment += [vec("damage", "damage by severity", "Polygon")]
     if "buildings" in layers:
         assessment.append(vec("buildings", "buildings by damage grade", "Polygon"))
+    if "ground_changes" in layers:
+        assessment.append(vec("ground_changes", "changes off the building footprints", "Polygon"))
     assessment.append(vec("aois", "areas of interest", "Polygon"))
     if "tie_points" in layers:
         assessment.append(vec("tie_points", "co-registration tie points", "Point", visible=False))

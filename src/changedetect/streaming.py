@@ -49,6 +49,11 @@ from .tiling import STRIP_PIXELS, block_mean, rows_per_strip, sample_bands, stri
 #: is then applied to the full-resolution pixels.
 COREG_MAX_PIXELS = 1 << 23
 
+#: With building footprints, an object counts as building damage when at least
+#: this share of it lies on footprints (the 30 % rule of object recall); the
+#: others are ground changes, written to their own layer.
+MIN_BUILDING_SHARE = 0.3
+
 #: SSIM centring constant for images scaled to about [0, 1] (the same for every
 #: strip, so every strip gets the values of a whole-scene pass).
 SSIM_CENTER = 0.5
@@ -445,6 +450,8 @@ class Detection:
     per_aoi: dict[int, dict[str, float]] = field(default_factory=dict)
     normalisation: Any = None
     buildings: Any = None
+    #: with building footprints: the changed objects mostly off every footprint
+    ground_changes: Any = None
 
 
 class Detector:
@@ -620,7 +627,8 @@ class Detector:
             score_rows = _rows_reader(writers["score"], region.width)
             threshold, threshold_info = self._threshold(score_rows, region, lo, hi)
             damage_mask = self._mask(score_rows, region, threshold)
-            damage, graded = self._objects(damage_mask, writers, region, out_grid, geoms, aois, threshold, buildings)
+            damage, graded, ground = self._objects(damage_mask, writers, region, out_grid, geoms, aois, threshold,
+                                                   buildings)
             for name in names:
                 layer_tags = {**tags, "LAYER": names[name]}
                 if name == "score":
@@ -635,7 +643,8 @@ class Detector:
             for w in writers.values():
                 w.abort()
             raise
-        return Detection(out_grid, damage, threshold, threshold_info, fit, stats.as_dict(), per_aoi, norm, graded)
+        return Detection(out_grid, damage, threshold, threshold_info, fit, stats.as_dict(), per_aoi, norm, graded,
+                         ground)
 
     def _threshold(self, score_rows, region: Region, lo: float, hi: float) -> tuple[float, dict[str, Any]]:
         d = self.config.damage
@@ -718,6 +727,8 @@ class Detector:
                 acc.add(ids, damage=m, score=sc, ssim=ss, structure_loss=sl)
             sums = {"score": sc, "ssim": ss, "difference": df,
                     "loss": (np.nan_to_num(sl) >= 0.5).astype(np.float64)}
+            if acc is not None:
+                sums["on_building"] = (ids > 0).astype(np.float64)
             if n_aoi:
                 sgrid = out_grid.window_grid(a, 0, b - a, w)
                 aoi = rasterize(geoms, sgrid, list(range(1, n_aoi + 1)))
@@ -753,20 +764,33 @@ class Detector:
             geom = geom.simplify(0).normalize()
             geom = affinity.affine_transform(geom, [t.a, t.b, t.d, t.e, t.c, t.f])
             counts = [comps.sums[f"aoi{i}"][k] for i in range(1, n_aoi + 1)]
-            records.append({
+            record = {
                 "id": k, "aoi": names[int(np.argmax(counts))] if counts else "",
                 "area_m2": obj.area_m2, "score": obj.score, "score_max": obj.score_max,
                 "mean_ssim": obj.mean_ssim, "mean_difference": obj.mean_difference,
                 "structure_loss_fraction": obj.structure_loss_fraction, "severity": obj.severity,
-                "confidence": obj.confidence, **self._uncertainty(obj.area_m2), "geometry": geom,
-            })
+                "confidence": obj.confidence, **self._uncertainty(obj.area_m2),
+            }
+            if acc is not None:
+                record["building_share"] = round(float(comps.sums["on_building"][k] / comps.counts[k]), 4)
+            records.append({**record, "geometry": geom})
         columns = ["id", "aoi", "area_m2", "score", "score_max", "mean_ssim", "mean_difference",
                    "structure_loss_fraction", "severity", "confidence", "position_uncertainty_m",
-                   "below_uncertainty"]
-        if not records:
-            damage = gpd.GeoDataFrame({k: [] for k in columns}, geometry=[], crs=self.grid.crs)
-        else:
-            damage = gpd.GeoDataFrame(records, geometry="geometry", crs=self.grid.crs)
+                   "below_uncertainty"] + (["building_share"] if acc is not None else [])
+
+        def frame(rows: list[dict]) -> Any:
+            if not rows:
+                return gpd.GeoDataFrame({k: [] for k in columns}, geometry=[], crs=self.grid.crs)
+            return gpd.GeoDataFrame(rows, geometry="geometry", crs=self.grid.crs)
+
+        ground = None
+        if acc is not None:
+            # With building footprints, damage means damage to buildings: a change
+            # mostly off every footprint (moved vehicles, market stalls, but also a
+            # crater in an open square) goes to its own layer for review.
+            ground = frame([r for r in records if r["building_share"] < MIN_BUILDING_SHARE])
+            records = [r for r in records if r["building_share"] >= MIN_BUILDING_SHARE]
+        damage = frame(records)
         graded = None
         if acc is not None:
             reliability = 1.0 if self._reliable in (True, None) else 0.5
@@ -780,7 +804,7 @@ class Detector:
                 pd.concat([buildings[keep].reset_index(drop=True), table], axis=1),
                 geometry=list(buildings.geometry), crs=self.grid.crs,
             )
-        return damage, graded
+        return damage, graded, ground
 
     #: set by the pipeline: the co-registration verdict and position uncertainty
     _reliable: bool | None = True

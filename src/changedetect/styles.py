@@ -461,6 +461,18 @@ def buildings_style() -> LayerStyle:
     return _vector_style(renderer, _labeling(label, size=6.5, colour="#1a1a1a", placement="1", priority=2))
 
 
+GROUND_COLOUR = "#7b3294"
+
+
+def ground_changes_style() -> LayerStyle:
+    """Changes off the building footprints: a dashed purple outline, labelled with the score."""
+    symbol = _symbol("fill", "0", [_simple_fill(GROUND_COLOUR, GROUND_COLOUR, fill_alpha=40, width=0.5,
+                                                outline_style="dash")])
+    label = "concat('ground change ', format_number(\"score\", 2))"
+    return _vector_style(_single_symbol_renderer(symbol), _labeling(label, size=6.5, colour=GROUND_COLOUR,
+                                                                    placement="1", priority=1))
+
+
 def aois_style() -> LayerStyle:
     """Areas of interest: dashed outline, no fill, labelled with their name."""
     symbol = _symbol("fill", "0", [_simple_fill(AOI_COLOUR, AOI_COLOUR, width=0.7, outline_style="dash", no_fill=True)])

@@ -115,12 +115,16 @@ def run(pipeline_file: Path, outdir: Path | None, write_layers: bool, overrides:
 @click.option("--aoi", type=existing_file, help="Areas of interest (GeoJSON/GeoPackage); default: the whole overlap.")
 @click.option("--sites", type=existing_file, help="Reported impact points to check.")
 @click.option("--truth", type=existing_file, help="Reference damage polygons: evaluate the run.")
+@click.option("--buildings", type=existing_file,
+              help="Building footprints (e.g. OpenStreetMap): grade each building; changes off them go to "
+                   "ground_changes.geojson.")
 @click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), help="Score threshold (default: automatic).")
 @click.option("--min-area", type=click.FloatRange(min=0), help="Minimum polygon area, m2 (default 20).")
 @layers_opt
 @set_opt
 @overwrite_opt
-def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, write_layers, overrides, overwrite) -> None:
+def detect(before, after, outdir, aoi, sites, truth, buildings, threshold, min_area, write_layers, overrides,
+           overwrite) -> None:
     """Detect damage between BEFORE and AFTER without a pipeline file.
 
     BEFORE defines the grid; AFTER is co-registered onto it.
@@ -134,7 +138,8 @@ def detect(before, after, outdir, aoi, sites, truth, threshold, min_area, write_
 
     data: dict = {
         "name": Path(outdir).name,
-        "inputs": {k: str(v) for k, v in {"before": before, "after": after, "aois": aoi, "sites": sites, "truth": truth}.items() if v},
+        "inputs": {k: str(v) for k, v in {"before": before, "after": after, "aois": aoi, "sites": sites, "truth": truth,
+                                          "buildings": buildings}.items() if v},
     }
     if threshold is not None:
         data.setdefault("damage", {})["threshold"] = threshold
