@@ -61,9 +61,12 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
 
 def start(big_pair, out: Path, *extra: str) -> subprocess.Popen:
     before, after = big_pair
+    # SIGINT back to its default even when this test run was started in the background
+    # (a shell then ignores it, and children inherit that): the run must see Ctrl-C.
     return subprocess.Popen(
         [sys.executable, "-m", "changedetect", "detect", str(before), str(after), "-o", str(out), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -161,8 +164,13 @@ def test_signal_during_commit_is_delivered_after_it(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(io.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt), folder:
-        folder.commit(last="manifest.json")
+    # Python's own Ctrl-C handler, even if this process started with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), folder:
+            folder.commit(last="manifest.json")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         name: f"new {name}" for name in ("score.tif", "summary.json", "manifest.json")
     }
