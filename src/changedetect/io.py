@@ -36,6 +36,9 @@ DEFAULT_MAX_PIXELS = 1_000_000_000
 
 COG_OPTIONS: dict[str, Any] = {
     "compress": "DEFLATE",
+    # level 1: about half the time of the default level 6 for 3 % larger files
+    # (float32 score of a 8192² scene: 3.0 s vs 5.5 s, 179 vs 174 MB)
+    "level": 1,
     # compress tiles on every core (the file is the same as with one thread)
     "num_threads": "ALL_CPUS",
     "blocksize": 256,
