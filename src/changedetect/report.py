@@ -478,7 +478,12 @@ def sweep_figure(sweep: dict[str, Any], threshold: float | None) -> str:
 
 
 def tie_points_figure(data: ReportData) -> str:
-    """Tie-point shift arrows on the map and their residuals from the global shift."""
+    """Tie-point shift arrows on the map, and how far each point lies from the fitted model.
+
+    The residuals are the ``residual_px`` column (distance from the model that
+    was applied, so rotations and local distortions do not look like errors);
+    without it, the 2-D residuals from the shift at the centre.
+    """
     tp = data.tie_points
     if tp is None:
         raise ValueError("the report data has no tie points")
@@ -504,6 +509,26 @@ def tie_points_figure(data: ReportData) -> str:
     ax1.set_yticks([])
     ax1.set_title("Shift found at each tie point (arrows, not to map scale)", fontsize=10)
     ax1.legend(fontsize=8, loc="best")
+    resid = tp["residual_px"].astype(float).to_numpy() if "residual_px" in tp.columns else None
+    if resid is not None and np.isfinite(resid).any():
+        # How far each tie point lies from the model that was applied (translation,
+        # affine or field): the misalignment left where the point was measured.
+        finite = np.isfinite(resid)
+        top = max(1.5, float(np.nanpercentile(resid[finite], 98)) * 1.1)
+        bins = np.linspace(0, top, 31)
+        for sel, colour, label in ((acc, TIE_ACCEPTED_COLOUR, "accepted"), (~acc, TIE_REJECTED_COLOUR, "rejected")):
+            vals = np.clip(resid[sel & finite], 0, top)
+            if vals.size:
+                ax2.hist(vals, bins=bins, color=colour, alpha=0.75, label=f"{label} ({vals.size})")
+        for r in (0.5, 1.0):
+            ax2.axvline(r, color="#999999", lw=0.8, ls="--")
+        ax2.set_xlabel("distance from the fitted model, px")
+        ax2.set_ylabel("tie points")
+        ax2.set_title(f"Residuals from the {data.coregistration.get('model', 'fitted')} model "
+                      "(dashed: 0.5 and 1 px)", fontsize=10)
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+        return _png(fig)
     rdx, rdy = dx - gdx, dy - gdy
     for sel, colour in ((acc, TIE_ACCEPTED_COLOUR), (~acc, TIE_REJECTED_COLOUR)):
         ax2.scatter(rdx[sel], rdy[sel], s=22, color=colour, alpha=0.85, edgecolors="none")
@@ -808,9 +833,13 @@ def _section_coregistration(data: ReportData) -> str:
     tp = data.tie_points
     if tp is not None and len(tp):
         acc = _accepted(tp)
-        gdy, gdx = float(sh.get("dy", 0.0)), float(sh.get("dx", 0.0))
-        res = np.hypot(tp["dy_px"].astype(float).to_numpy() - gdy, tp["dx_px"].astype(float).to_numpy() - gdx)
-        ra = res[acc]
+        if "residual_px" in tp.columns and np.isfinite(tp["residual_px"].astype(float).to_numpy()).any():
+            # distance from the model that was applied (what the alignment left)
+            res = tp["residual_px"].astype(float).to_numpy()
+        else:
+            gdy, gdx = float(sh.get("dy", 0.0)), float(sh.get("dx", 0.0))
+            res = np.hypot(tp["dy_px"].astype(float).to_numpy() - gdy, tp["dx_px"].astype(float).to_numpy() - gdx)
+        ra = res[acc & np.isfinite(res)]
         out.append(_kv([
             ("tie points", f"{_fmt(len(tp))} ({_fmt(int(acc.sum()))} accepted, {_fmt(int((~acc).sum()))} rejected)"),
             ("residual of accepted tie points (RMS)", _fmt(float(np.sqrt(np.mean(ra**2))) if ra.size else None, 3, "px")),
@@ -818,8 +847,8 @@ def _section_coregistration(data: ReportData) -> str:
         ]))
         out.append(_img(tie_points_figure(data), "tie points",
                         "Left: the shift measured at each tie point (arrow direction and relative length). Right: how far "
-                        "each tie point's shift is from the single shift applied; accepted points close to the centre "
-                        "mean a consistent alignment."))
+                        "each tie point lies from the model that was applied (translation, affine or smooth field); "
+                        "accepted points below half a pixel mean a consistent alignment."))
     return "".join(out)
 
 
