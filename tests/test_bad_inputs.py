@@ -519,3 +519,23 @@ def test_failed_overwrite_keeps_old_outputs(runner, pair, tmp_path):
     _all_nodata(bad, after)
     res = invoke(runner, ["detect", before, bad, "-o", out, "--overwrite"], root=tmp_path)
     assert_one_line(res, 1, ERROR, f"{bad}: has no valid pixel over the before image")
+
+
+# --------------------------------------------------------------------------- building footprints
+def test_unreadable_building_footprints(runner, pair, tmp_path):
+    before, after = pair
+    bad = tmp_path / "footprints.geojson"
+    bad.write_text("not a vector file")
+    detect_fails(runner, tmp_path, before, after, 1, f"{bad}: building footprints could not be read",
+                 extra=["--buildings", bad])
+
+
+def test_building_footprints_without_polygons(runner, pair, tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import Point
+
+    before, after = pair
+    points = tmp_path / "points.geojson"
+    gpd.GeoDataFrame(geometry=[Point(ORIGIN[0] + 10, ORIGIN[1] - 10)], crs=UTM).to_file(points)
+    detect_fails(runner, tmp_path, before, after, 1, f"{points}: building footprints file has no polygon",
+                 extra=["--buildings", points])

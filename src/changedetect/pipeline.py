@@ -27,12 +27,9 @@ from typing import Any
 import numpy as np
 
 from . import __version__, io
-from . import change as change_mod
-from . import coregister as coreg
-from . import damage as damage_mod
 from . import streaming
 from .config import PipelineConfig
-from .errors import ChangeDetectWarning, ConfigError, CoregistrationWarning, DataError, NoOverlapError
+from .errors import ChangeDetectWarning, ConfigError, DataError, NoOverlapError
 from .grid import Grid
 from .provenance import MANIFEST_NAME, build_manifest, command_line, utc_now
 from .tiling import STRIP_PIXELS
@@ -258,7 +255,6 @@ def run(
     if given, is called as ``progress(stage, rows_done, rows_total)`` during the
     long steps.
     """
-    import geopandas as gpd
     from shapely.geometry import box
 
     started = utc_now()

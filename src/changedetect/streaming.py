@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, io
+from . import io
 from . import change as change_mod
 from . import coregister as coreg
 from . import damage as damage_mod
@@ -563,7 +563,7 @@ class Detector:
     def run(self, region: Region, aois: Any, staging: Callable[[str], Path], tags: dict[str, Any],
             write_layers: bool = False, buildings: Any = None) -> Detection:
         cfg = self.config
-        c, d = cfg.change, cfg.damage
+        c = cfg.change
         grid = self.grid
         out_grid = grid.window_grid(region.r0, region.c0, region.height, region.width)
         norm, fit = self.fit_radiometry()
@@ -624,7 +624,7 @@ class Detector:
             if n_inside == 0:
                 raise NoOverlapError(f"{cfg.inputs.aois or cfg.inputs.before}: AOIs cover no pixel with data in both images")
 
-            score_rows = _rows_reader(writers["score"], region.width)
+            score_rows = _rows_reader(writers["score"])
             threshold, threshold_info = self._threshold(score_rows, region, lo, hi)
             damage_mask = self._mask(score_rows, region, threshold)
             damage, graded, ground = self._objects(damage_mask, writers, region, out_grid, geoms, aois, threshold,
@@ -708,7 +708,7 @@ class Detector:
 
         h, w = region.height, region.width
         rows = max(16, self.strip_pixels // max(w, 1))
-        readers = {k: _rows_reader(writers[k], w) for k in ("score", "ssim", "difference", "structure_loss")}
+        readers = {k: _rows_reader(writers[k]) for k in ("score", "ssim", "difference", "structure_loss")}
         n_aoi = len(geoms)
         labeler = StripLabeler(h, w, connectivity=8)
         parts = _chunks(h, rows)
@@ -832,7 +832,7 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
-def _rows_reader(writer: io.StripWriter, width: int) -> Callable[[int, int], np.ndarray]:
+def _rows_reader(writer: io.StripWriter) -> Callable[[int, int], np.ndarray]:
     def read(a: int, b: int) -> np.ndarray:
         return writer.read(a, b)[0]
 
