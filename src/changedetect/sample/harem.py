@@ -2711,6 +2711,9 @@ def _footprints(w: _World) -> gpd.GeoDataFrame:
         rows.append({"id": len(rows) + 1, "kind": b.kind})
         geoms.append(_to_utm(g))
     out = _gdf(rows, geoms)
+    # Snapped to the 1e-7 degree grid the file is written with, kept valid: a few
+    # composed footprints would otherwise touch themselves after rounding.
+    out = out.set_geometry(shapely.set_precision(out.geometry.values, 1e-7))
     out["id"] = out["id"].astype("int32")
     return out
 
