@@ -217,3 +217,57 @@ def test_batch_help(runner):
     res = runner.invoke(cli, ["batch", "--help"])
     assert res.exit_code == 0
     assert "Example" in res.output
+
+
+def _two_aois(path: Path) -> Path:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from conftest import ORIGIN
+
+    x, y = ORIGIN
+    gpd.GeoDataFrame({"name": ["west", "east"]},
+                     geometry=[box(x, y - 80, x + 40, y), box(x + 40, y - 80, x + 80, y)],
+                     crs="EPSG:32637").to_file(path)
+    return path
+
+
+def test_plan_jobs_split_aois(pair, tmp_path):
+    before, after = pair
+    _two_aois(tmp_path / "aois.geojson")
+    pipe = _write(tmp_path / "city.toml", f'name = "city"\n[inputs]\nbefore = "{before.name}"\n'
+                                          f'after = "{after.name}"\naois = "aois.geojson"\n')
+    jobs = plan_jobs([pipe], out_root=tmp_path / "out", split_aois=True)
+    assert [j.aoi for j in jobs] == ["west", "east"]
+    assert [j.outdir for j in jobs] == [tmp_path / "out" / "city" / "west", tmp_path / "out" / "city" / "east"]
+    assert [j.label for j in jobs] == [f"{pipe} [west]", f"{pipe} [east]"]
+    assert [j.aoi for j in plan_jobs([pipe], out_root=tmp_path / "out")] == [None]
+
+
+# distributed warns (UserWarning) when making its scratch folder is slow on a busy machine.
+@pytest.mark.filterwarnings(
+    "ignore:Creating scratch directories is taking a surprisingly long time:UserWarning"
+)
+def test_batch_split_aois_runs_one_job_per_area(runner, pair, tmp_path):
+    import json
+
+    before, after = pair
+    _two_aois(tmp_path / "aois.geojson")
+    pipe = _write(tmp_path / "city.toml", f'name = "city"\n[inputs]\nbefore = "{before.name}"\n'
+                                          f'after = "{after.name}"\naois = "aois.geojson"\n')
+    out = tmp_path / "out"
+    res = runner.invoke(cli, ["batch", str(pipe), "--split-aois", "--workers", "1", "--out-root", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "2 job(s): 2 ok" in res.stdout
+    for name in ("west", "east"):
+        summary = json.loads((out / "city" / name / "summary.json").read_text())
+        assert list(summary["aois"]) == [name]
+
+
+def test_unknown_aoi_name_is_a_config_error(runner, pair, tmp_path):
+    before, after = pair
+    aois = _two_aois(tmp_path / "aois.geojson")
+    res = runner.invoke(cli, ["detect", str(before), str(after), "-o", str(tmp_path / "o"), "--aoi", str(aois),
+                              "--set", 'inputs.aoi_names=["north"]'])
+    assert res.exit_code == 2, res.output
+    assert f"{aois}: no AOI named 'north' (inputs.aoi_names)" in res.stderr

@@ -73,6 +73,8 @@ class BatchJob:
     label: str
     outdir: Path | None
     expected_outdir: Path | None
+    #: run only this AOI of the pipeline (``--split-aois``)
+    aoi: str | None = None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -95,7 +97,7 @@ def _folder_name(name: object, fallback: str) -> str:
 
 
 def plan_jobs(
-    pipelines: Sequence[str | os.PathLike], *, out_root: Path | None = None
+    pipelines: Sequence[str | os.PathLike], *, out_root: Path | None = None, split_aois: bool = False
 ) -> list[BatchJob]:
     """One job per pipeline file, with its output folder.
 
@@ -103,6 +105,10 @@ def plan_jobs(
     into ``out_root / <name>``, where ``<name>`` is the file's ``name`` key (or the
     file name without extension), made unique with ``-2``, ``-3``... in the order
     given.
+
+    With ``split_aois``, a pipeline with an AOI file becomes one job per AOI
+    (``inputs.aoi_names``), writing into ``<its folder>/<AOI name>``: the areas
+    of one big scene are then processed in parallel by separate workers.
     """
     jobs: list[BatchJob] = []
     used: set[str] = set()
@@ -125,12 +131,38 @@ def plan_jobs(
                 expected = (
                     Path(value) if Path(value).is_absolute() else path.parent / value
                 )
-        jobs.append(
-            BatchJob(
-                pipeline=path, label=str(given), outdir=outdir, expected_outdir=expected
-            )
-        )
+        names = _aoi_names(path) if split_aois else None
+        if not names:
+            jobs.append(BatchJob(pipeline=path, label=str(given), outdir=outdir, expected_outdir=expected))
+            continue
+        for aoi in names:
+            sub = _folder_name(aoi, "aoi")
+            jobs.append(BatchJob(
+                pipeline=path, label=f"{given} [{aoi}]",
+                outdir=None if outdir is None else outdir / sub,
+                expected_outdir=None if expected is None else expected / sub, aoi=aoi,
+            ))
     return jobs
+
+
+def _aoi_names(path: Path) -> list[str] | None:
+    """Names of the AOIs of a pipeline file (None when it cannot tell: the job then reports why)."""
+    try:
+        from . import io
+        from .config import load_pipeline
+
+        config = load_pipeline(path)
+        if config.inputs.aois is None:
+            return None
+        gdf = io.read_vector(config.inputs.aois, what="AOI file")
+        if "name" not in gdf.columns:
+            return [f"aoi{i + 1}" for i in range(len(gdf))]
+        names = [str(n) for n in gdf["name"]]
+        if config.inputs.aoi_names is not None:
+            names = [n for n in names if n in set(config.inputs.aoi_names)]
+        return list(dict.fromkeys(names))
+    except ChangeDetectError:
+        return None
 
 
 def _polygon_count(outdir: Path) -> int | None:
@@ -195,6 +227,7 @@ def run_job(
     outdir: str | None = None,
     overwrite: bool = False,
     label: str | None = None,
+    aoi: str | None = None,
 ) -> JobResult:
     """Run one pipeline file; never raises (the dask task of :func:`run_batch`).
 
@@ -221,7 +254,11 @@ def run_job(
         warnings.simplefilter("always", UserWarning)
         try:
             config = load_pipeline(pipeline)
+            if aoi is not None:
+                config = config.model_copy(update={"inputs": config.inputs.model_copy(update={"aoi_names": [aoi]})})
             target = Path(outdir) if outdir is not None else config.output.dir
+            if aoi is not None and outdir is None and target is not None:
+                target = target / _folder_name(aoi, "aoi")
             if target is not None:
                 result["outdir"] = str(target)
             if (
@@ -364,6 +401,7 @@ def run_batch(
                     None if jobs[i].outdir is None else str(jobs[i].outdir),
                     overwrite,
                     jobs[i].label,
+                    jobs[i].aoi,
                     pure=False,
                 ): i
                 for i in todo

@@ -37,6 +37,9 @@ class Inputs(_Strict):
     buildings: Path | None = Field(
         None, description="Building footprints (polygons, e.g. OpenStreetMap): graded one by one."
     )
+    aoi_names: list[str] | None = Field(
+        None, description="Analyse only the AOIs with these names (default: every AOI of the file)."
+    )
     bands: list[int] | None = Field(
         None, description="1-based bands to use from both images; default: the common bands."
     )

@@ -102,7 +102,14 @@ def _read_aois(config: PipelineConfig, grid: Grid, footprint: Any) -> Any:
         raise DataError(f"{path}: AOI file has no polygon")
     if "name" not in gdf.columns:
         gdf = gdf.assign(name=[f"aoi{i + 1}" for i in range(len(gdf))])
-    gdf = gdf.assign(name=gdf["name"].astype(str), geometry=gdf.geometry.intersection(footprint))
+    gdf = gdf.assign(name=gdf["name"].astype(str))
+    wanted = config.inputs.aoi_names
+    if wanted is not None:
+        missing = [n for n in wanted if n not in set(gdf["name"])]
+        if missing:
+            raise ConfigError(f"{path}: no AOI named {', '.join(repr(n) for n in missing)} (inputs.aoi_names)")
+        gdf = gdf[gdf["name"].isin(wanted)]
+    gdf = gdf.assign(geometry=gdf.geometry.intersection(footprint))
     gdf = gdf[~gdf.geometry.is_empty & (gdf.geometry.area > 0)]
     if len(gdf) == 0:
         raise NoOverlapError(f"{path}: no AOI overlaps the area covered by both images")

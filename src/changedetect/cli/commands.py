@@ -292,9 +292,12 @@ def report(outdir: Path) -> None:
 @click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes of the local cluster (default: one per CPU, at most one per pipeline).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on a running dask scheduler (e.g. tcp://10.0.0.5:8786) instead of a local cluster.")
 @click.option("--out-root", type=out_path, help="Write each pipeline's outputs to OUT_ROOT/<pipeline name> instead of its output.dir.")
+@click.option("--split-aois", is_flag=True, default=False,
+              help="One job per AOI of each pipeline (the areas of a big scene in parallel), into <folder>/<AOI name>.")
 @overwrite_opt
 @click.pass_context
-def batch(ctx: click.Context, pipelines: tuple[Path, ...], workers: int | None, scheduler: str | None, out_root: Path | None, overwrite: bool) -> None:
+def batch(ctx: click.Context, pipelines: tuple[Path, ...], workers: int | None, scheduler: str | None,
+          out_root: Path | None, split_aois: bool, overwrite: bool) -> None:
     """Run many pipeline files in parallel on dask.distributed, one job each.
 
     A pipeline whose output folder already verifies against its manifest (same
@@ -306,6 +309,7 @@ def batch(ctx: click.Context, pipelines: tuple[Path, ...], workers: int | None, 
       changedetect batch pipelines/*.toml --workers 4
       changedetect batch pipelines/*.toml --out-root out/
       changedetect batch pipelines/*.toml --scheduler tcp://10.0.0.5:8786
+      changedetect batch pipelines/city.toml --split-aois --workers 2
     """
     import sys
 
@@ -316,7 +320,7 @@ def batch(ctx: click.Context, pipelines: tuple[Path, ...], workers: int | None, 
     if workers is not None and scheduler is not None:
         raise click.UsageError("--workers and --scheduler cannot be combined (a cluster has its own workers)")
     verbosity = (ctx.obj or {}).get("verbosity", 0)
-    jobs = plan_jobs(pipelines, out_root=out_root)
+    jobs = plan_jobs(pipelines, out_root=out_root, split_aois=split_aois)
     with tqdm(total=len(jobs), unit="job", file=sys.stderr, disable=verbosity < 0 or not sys.stderr.isatty()) as bar:
 
         def done(result: JobResult) -> None:
