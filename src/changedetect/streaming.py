@@ -579,7 +579,8 @@ class Detector:
             "ssim": "local SSIM of luminance",
             "score": "change score 0-1",
         }
-        terms = ["structure_loss", "difference_evidence", "vegetation", "shadow_change"]
+        # structure_loss is needed for the objects' statistics; the other terms only when asked for
+        terms = ["structure_loss"] + (["difference_evidence", "vegetation", "shadow_change"] if write_layers else [])
         writers: dict[str, io.StripWriter] = {}
         for name in [*names, *terms]:
             writers[name] = io.StripWriter(staging(f"{name}.tif"), out_grid, count=1, dtype="float32", nodata=nan)
@@ -607,8 +608,8 @@ class Detector:
                     "structure_loss": layers.structure_loss, "difference_evidence": layers.difference_evidence,
                     "vegetation": layers.vegetation, "shadow_change": layers.shadow_change,
                 }
-                for name, arr in values.items():
-                    writers[name].write(row, np.where(inside, arr[inner], np.float32(nan)).astype(np.float32))
+                for name, writer in writers.items():
+                    writer.write(row, np.where(inside, values[name][inner], np.float32(nan)).astype(np.float32))
                 sc = layers.score[inner][inside]
                 if sc.size:
                     lo, hi, n_inside = min(lo, float(sc.min())), max(hi, float(sc.max())), n_inside + sc.size
