@@ -37,6 +37,16 @@ def big_pair(make_raster):
     return make_raster(before, name="before.tif"), make_raster(after.astype(np.uint8), name="after.tif")
 
 
+def _footprint(raster: Path, r: int, c: int, h: int, w: int):
+    """The box of pixel rows r:r+h, columns c:c+w of ``raster``, in its CRS."""
+    from shapely.geometry import box
+
+    with rasterio.open(raster) as src:
+        t = src.transform
+    (x0, y0), (x1, y1) = t * (c, r), t * (c + w, r + h)
+    return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
 def _config(before: Path, after: Path, **extra):
     data = {"name": "strips", "inputs": {"before": str(before), "after": str(after)}, **extra}
     return config_from_dict(data, source="test", base=before.parent)
@@ -143,15 +153,11 @@ def test_progress_reports_every_row_of_each_step(big_pair, tmp_path):
 
 def test_buildings_are_graded_one_by_one(big_pair, tmp_path):
     import geopandas as gpd
-    from shapely.geometry import box
 
     before, after = big_pair
-    with rasterio.open(before) as src:
-        t = src.transform
 
     def footprint(r, c, h, w):
-        (x0, y0), (x1, y1) = t * (c, r), t * (c + w, r + h)
-        return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        return _footprint(before, r, c, h, w)
 
     # the three planted changes, and two untouched blocks
     geoms = [footprint(*ch) for ch in CHANGES] + [footprint(20, 250, 30, 40), footprint(250, 250, 30, 40)]
@@ -169,15 +175,11 @@ def test_buildings_are_graded_one_by_one(big_pair, tmp_path):
 
 def test_changes_off_the_footprints_go_to_ground_changes(big_pair, tmp_path):
     import geopandas as gpd
-    from shapely.geometry import box
 
     before, after = big_pair
-    with rasterio.open(before) as src:
-        t = src.transform
 
     def footprint(r, c, h, w):
-        (x0, y0), (x1, y1) = t * (c, r), t * (c + w, r + h)
-        return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        return _footprint(before, r, c, h, w)
 
     # footprints for the first two planted changes only: the third is a ground change
     path = tmp_path / "footprints.geojson"

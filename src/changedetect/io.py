@@ -149,6 +149,16 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
     return DataError(f"{path}: cannot read pixels, the file is truncated or corrupt ({_root_cause(exc)})")
 
 
+def _read_window(src: Any, path: Path, indexes: list[int], win: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Bands of a window as float32 and its valid mask (every band's mask, finite); DataError on a read error."""
+    try:
+        data = src.read(indexes, window=win, out_dtype="float32")
+        masks = src.read_masks(indexes, window=win)
+    except RasterioError as exc:
+        raise _unreadable(path, exc) from exc
+    return data, np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+
+
 def _check_readable(src: Any, path: Path, indexes: list[int], *, chunk_pixels: int = 1 << 22) -> None:
     """Decode every pixel of ``indexes`` once, in row chunks, raising DataError on a read error.
 
@@ -367,13 +377,7 @@ def _warp_translate(src: Any, path: Path, indexes: list[int], grid: Grid, resamp
         sx0, sx1 = max(x0, 0), min(x0 + w, src.width)
         if sy0 >= sy1 or sx0 >= sx1:
             continue
-        win = Window(sx0, sy0, sx1 - sx0, sy1 - sy0)
-        try:
-            data = src.read(indexes, window=win, out_dtype="float32")
-            masks = src.read_masks(indexes, window=win)
-        except RasterioError as exc:
-            raise _unreadable(path, exc) from exc
-        ok = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+        data, ok = _read_window(src, path, indexes, Window(sx0, sy0, sx1 - sx0, sy1 - sy0))
         pad = ((sy0 - y0, y0 + h - sy1), (sx0 - x0, x0 + w - sx1))
         okp = np.pad(ok, pad, mode="constant", constant_values=False)
         need = np.ones((4, 4), np.uint8)
@@ -823,14 +827,8 @@ def _warp_field(
         out = np.full((len(indexes), rows, cols), np.nan, dtype=np.float32)
         if r0 >= r1 or c0 >= c1:
             return out, np.zeros((rows, cols), bool), src.dtypes[0], src.nodata
-        win = Window(c0, r0, c1 - c0, r1 - r0)
-        try:
-            data = src.read(indexes, window=win, out_dtype="float32")
-            masks = src.read_masks(indexes, window=win)
-        except RasterioError as exc:
-            raise _unreadable(path, exc) from exc
+        data, valid_src = _read_window(src, path, indexes, Window(c0, r0, c1 - c0, r1 - r0))
         dtype, nodata = src.dtypes[0], src.nodata
-    valid_src = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
     order = {"nearest": 0, "bilinear": 1}.get(resampling, 3)
     # Below a tenth of a pixel the low-pass changes nothing worth its cost.
     sigma = (ratio - 1.0) / 2.0 if order > 0 and ratio > 1.2 else 0.0
@@ -945,13 +943,7 @@ class RasterReader:
         return self._src.dtypes[0]
 
     def _read(self, win: Any) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            data = self._src.read(self.indexes, window=win, out_dtype="float32")
-            masks = self._src.read_masks(self.indexes, window=win)
-        except RasterioError as exc:
-            raise _unreadable(self.path, exc) from exc
-        valid = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
-        return data, valid
+        return _read_window(self._src, self.path, self.indexes, win)
 
     def read(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[r0, r1)``, columns ``[c0, c1)``: scaled bands (0 where invalid) and the valid mask."""
@@ -1093,12 +1085,7 @@ def read_averaged(path: str | os.PathLike, grid: Grid, *, bands: list[int] | Non
             parts = []
             for a in range(r0, r1, step):
                 b = min(r1, a + step)
-                try:
-                    data = src.read(indexes, window=Window(c0, a, c1 - c0, b - a), out_dtype="float32")
-                    masks = src.read_masks(indexes, window=Window(c0, a, c1 - c0, b - a))
-                except RasterioError as exc:
-                    raise _unreadable(path, exc) from exc
-                ok = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+                data, ok = _read_window(src, path, indexes, Window(c0, a, c1 - c0, b - a))
                 parts.append(block_mean(np.nan_to_num(data), ok, factor, all_valid=False)[0])
             small = np.concatenate(parts, axis=1)
         t = src.transform * rasterio.Affine.translation(c0, r0) * rasterio.Affine.scale(factor)
