@@ -116,3 +116,37 @@ def test_grid_window_and_bounds():
     g = Grid("EPSG:32637", Affine(0.5, 0, 100, 0, -0.5, 200), 10, 20)
     assert g.bounds == (100, 190, 105, 200)
     assert g.window_grid(2, 4, 5, 6).transform.c == 102
+
+
+@pytest.mark.parametrize(
+    "dtype, nodata, tiled",
+    [("uint8", None, True), ("uint16", 7, True), ("float32", None, False), ("float32", -1.0, True)],
+)
+def test_block_row_reads_equal_direct_reads(tmp_path, dtype, nodata, tiled):
+    """Windows cut from cached block rows (inside gdal_env) equal windows read directly."""
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(5)
+    arr = (rng.random((3, 700, 300)) * 200).astype(dtype)
+    if nodata is not None:
+        arr[:, 100:180, 40:90] = nodata
+    if np.dtype(dtype).kind == "f":
+        arr[1, 400:420, 10:20] = np.nan
+    path = tmp_path / "r.tif"
+    profile = {"driver": "GTiff", "width": 300, "height": 700, "count": 3, "dtype": dtype, "crs": "EPSG:32637",
+               "transform": rasterio.Affine(0.5, 0, 0, 0, -0.5, 0), "nodata": nodata}
+    if tiled:
+        profile.update(tiled=True, blockxsize=64, blockysize=64)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(arr)
+    windows = [Window(0, 0, 300, 700), Window(13, 250, 200, 301), Window(0, 255, 300, 2), Window(299, 699, 1, 1)]
+    windows += [Window(int(c), int(r), 17, 290) for r, c in rng.integers(0, 280, (6, 2))]
+    with io.open_raster(path) as src:
+        direct = [io._read_window(src, path, [1, 3], w) for w in windows]
+    with io.gdal_env(), io.open_raster(path) as src:
+        cached = [io._read_window(src, path, [1, 3], w) for w in windows]
+        assert io._BLOCK_ROWS.get().entries  # the cache was used
+    for (d, dv), (c, cv) in zip(direct, cached, strict=True):
+        np.testing.assert_array_equal(dv, cv)
+        np.testing.assert_array_equal(d, c)  # NaN where NaN
+    assert io._BLOCK_ROWS.get() is None

@@ -8,10 +8,13 @@ its final folder, renaming it only when it is complete.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
+import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -150,13 +153,124 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
 
 
 def _read_window(src: Any, path: Path, indexes: list[int], win: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Bands of a window as float32 and its valid mask (every band's mask, finite); DataError on a read error."""
+    """Bands of a window as float32 and its valid mask (every band's mask, finite); DataError on a read error.
+
+    Inside :func:`gdal_env` the window is cut from decoded block rows kept by
+    :class:`_BlockRows` (same values, each tile decoded once per sequential pass).
+    """
+    cache = _BLOCK_ROWS.get()
+    if cache is not None:
+        with cache.lock:
+            rows = cache.rows_for(src, path, indexes)
+            if rows is not None:
+                return rows.read(win)
     try:
         data = src.read(indexes, window=win, out_dtype="float32")
         masks = src.read_masks(indexes, window=win)
     except RasterioError as exc:
         raise _unreadable(path, exc) from exc
     return data, np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
+
+
+class _BlockRows:
+    """Recently decoded full-width block rows of one band set of one file.
+
+    GDAL decodes every tile a window touches on each read (its block cache does
+    not spare it for multi-band pixel-interleaved GeoTIFFs), so strips read with
+    halos decode most tiles two or three times: an 8192² 3-band file read in
+    256-row strips with 32-row halos took 2.6 s against 0.7 s for reads aligned
+    on its 512-row tiles. Here reads are aligned on ``unit`` rows (whole block
+    rows, at least 256) and the last few units are kept, so a sequential pass
+    decodes each tile once. Values are those of a direct read.
+    """
+
+    def __init__(self, src: Any, path: Path, indexes: list[int], keep: int) -> None:
+        # ``src``: a dataset of its own (the callers' are opened and closed per call)
+        self.src, self.path, self.indexes, self.keep = src, path, indexes, keep
+        bh = max(1, src.block_shapes[indexes[0] - 1][0])
+        self.unit = bh * max(1, math.ceil(256 / bh))
+        flags = [src.mask_flag_enums[i - 1] for i in indexes]
+        self.all_valid = all([f.name for f in fl] == ["all_valid"] for fl in flags)
+        self.floating = np.issubdtype(np.dtype(src.dtypes[indexes[0] - 1]), np.floating)
+        self.units: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def _unit(self, u: int) -> tuple[np.ndarray, np.ndarray | None]:
+        got = self.units.pop(u, None)
+        if got is None:
+            from rasterio.windows import Window
+
+            r0 = u * self.unit
+            win = Window(0, r0, self.src.width, min(self.unit, self.src.height - r0))
+            try:
+                data = self.src.read(self.indexes, window=win)
+                masks = None if self.all_valid else np.all(self.src.read_masks(self.indexes, window=win) > 0, axis=0)
+            except RasterioError as exc:
+                raise _unreadable(self.path, exc) from exc
+            got = (data, masks)
+            while len(self.units) >= self.keep:
+                self.units.pop(next(iter(self.units)))
+        self.units[u] = got  # most recently used last
+        return got
+
+    def read(self, win: Any) -> tuple[np.ndarray, np.ndarray]:
+        r0, c0 = int(win.row_off), int(win.col_off)
+        r1, c1 = r0 + int(win.height), c0 + int(win.width)
+        data = np.empty((len(self.indexes), r1 - r0, c1 - c0), np.float32)
+        valid = np.ones((r1 - r0, c1 - c0), bool)
+        for u in range(r0 // self.unit, -(-r1 // self.unit) if r1 > r0 else 0):
+            block, mask = self._unit(u)
+            a, b = max(r0, u * self.unit), min(r1, (u + 1) * self.unit)
+            part = slice(a - u * self.unit, b - u * self.unit)
+            data[:, a - r0 : b - r0] = block[:, part, c0:c1]
+            if mask is not None:
+                valid[a - r0 : b - r0] = mask[part, c0:c1]
+        if self.floating:
+            valid &= np.all(np.isfinite(data), axis=0)
+        return data, valid
+
+
+class _BlockRowCache:
+    """The :class:`_BlockRows` of the files read during a run, within a memory budget."""
+
+    def __init__(self, budget: int = 256 << 20, files: int = 4) -> None:
+        self.budget, self.files = budget, files
+        self.entries: dict[tuple[Any, ...], _BlockRows | None] = {}
+        self.lock = threading.RLock()
+
+    def rows_for(self, src: Any, path: Path, indexes: list[int]) -> _BlockRows | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, tuple(indexes))
+        with self.lock:
+            if key in self.entries:
+                return self.entries[key]
+            unit = _BlockRows(src, path, indexes, keep=1).unit
+            unit_bytes = unit * src.width * len(indexes) * np.dtype(src.dtypes[indexes[0] - 1]).itemsize
+            keep = min(4, int(self.budget // self.files // max(unit_bytes, 1)))
+            rows = None
+            if keep >= 2:  # else too wide for the budget: windows are read directly
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    rows = _BlockRows(rasterio.open(path), path, indexes, keep=keep)
+            while len(self.entries) >= self.files:
+                old = self.entries.pop(next(iter(self.entries)))
+                if old is not None:
+                    old.src.close()
+            self.entries[key] = rows
+            return rows
+
+    def close(self) -> None:
+        with self.lock:
+            for rows in self.entries.values():
+                if rows is not None:
+                    rows.src.close()
+            self.entries.clear()
+
+
+#: The block-row cache of the current run (set by :func:`gdal_env`).
+_BLOCK_ROWS: contextvars.ContextVar[_BlockRowCache | None] = contextvars.ContextVar("block_rows", default=None)
 
 
 def _check_readable(src: Any, path: Path, indexes: list[int], *, chunk_pixels: int = 1 << 22) -> None:
@@ -892,9 +1006,16 @@ def check_readable(path: str | os.PathLike, *, bands: list[int] | None = None,
 
 @contextlib.contextmanager
 def gdal_env(cache_mb: int = 256) -> Iterator[None]:
-    """GDAL settings of a run: a bounded block cache (GDAL's default is 5 % of RAM), internal masks."""
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_TIFF_INTERNAL_MASK=True):
-        yield
+    """Settings of a run: GDAL's block cache bounded (its default is 5 % of RAM), internal masks,
+    and windows read through recently decoded block rows (:class:`_BlockRows`)."""
+    cache = _BlockRowCache()
+    token = _BLOCK_ROWS.set(cache)
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_TIFF_INTERNAL_MASK=True):
+            yield
+    finally:
+        _BLOCK_ROWS.reset(token)
+        cache.close()
 
 
 class RasterReader:
@@ -1086,7 +1207,7 @@ def read_averaged(path: str | os.PathLike, grid: Grid, *, bands: list[int] | Non
             for a in range(r0, r1, step):
                 b = min(r1, a + step)
                 data, ok = _read_window(src, path, indexes, Window(c0, a, c1 - c0, b - a))
-                parts.append(block_mean(np.nan_to_num(data), ok, factor, all_valid=False)[0])
+                parts.append(block_mean(data, ok, factor, all_valid=False)[0])
             small = np.concatenate(parts, axis=1)
         t = src.transform * rasterio.Affine.translation(c0, r0) * rasterio.Affine.scale(factor)
         for i in range(small.shape[0]):

@@ -528,7 +528,7 @@ def _write_quicklook(path: Path, rb: io.RasterReader, ra: io.RasterReader, score
         for a in range(0, region.height, step):
             b = min(region.height, a + step)
             arr, ok = read(r0 + a, r0 + b, c0, c0 + region.width)
-            mean, good = streaming.block_mean(np.nan_to_num(arr), ok, f, all_valid=False)
+            mean, good = streaming.block_mean(arr, ok, f, all_valid=False)
             parts.append(mean)
             masks.append(good)
         return np.concatenate(parts, axis=1), np.concatenate(masks, axis=0)

@@ -105,9 +105,9 @@ def _decimated(grid: Grid, f: int) -> Grid:
 
 
 def _decimated_warp(
-    path: Path, grid: Grid, f: int, *, bands: list[int], resampling: str, max_pixels: int, model: Any = None,
+    path: Path, grid: Grid, f: int, *, bands: list[int], resampling: str, max_pixels: int,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The raster warped onto ``grid`` (through ``model`` if given), averaged over f x f blocks.
+    """The raster warped onto ``grid``, averaged over f x f blocks.
 
     Done strip by strip, so memory stays that of a strip and of the result.
     """
@@ -116,13 +116,9 @@ def _decimated_warp(
     dtype = "float32"
     for s in strips(0, grid.height, size=rows, halo=0):
         sgrid = grid.window_grid(s.r0, 0, s.rows, grid.width)
-        if model is None:
-            arr, ok, dtype, _ = io.warp_to_grid(path, sgrid, bands=bands, resampling=resampling,
-                                                max_pixels=max_pixels, check=False)
-        else:
-            arr, ok, dtype, _ = io.warp_with_model(path, sgrid, coreg.reframe(model, 1.0, (s.r0, 0)), bands=bands,
-                                                   resampling=resampling, max_pixels=max_pixels, check=False)
-        mean, good = block_mean(np.nan_to_num(arr), ok, f)
+        arr, ok, dtype, _ = io.warp_to_grid(path, sgrid, bands=bands, resampling=resampling,
+                                            max_pixels=max_pixels, check=False)
+        mean, good = block_mean(arr, ok, f)
         parts.append(mean)
         masks.append(good)
     return np.concatenate(parts, axis=1), np.concatenate(masks, axis=0), dtype
@@ -242,16 +238,19 @@ def estimate_alignment(
     )
     est = reg.shift
     full_model = reg.model if f == 1 else coreg.reframe(reg.model, 1.0 / f, (-(f - 1) / (2 * f),) * 2)
+    kept = None
     if f == 1:
         aligned, svalid, _, _ = io.warp_with_model(
             after_path, egrid, reg.model, bands=bands, resampling=resampling, max_pixels=max_pixels, check=False
         )
+        lum_new = _lum(np.nan_to_num(aligned) / np.float32(scale))
+        kept = (aligned, svalid) if keep_aligned else None
+        del aligned
     else:
-        aligned, svalid, _ = _decimated_warp(after_path, grid, f, bands=bands, resampling=resampling,
-                                             max_pixels=max_pixels, model=full_model)
-    lum_new = _lum(np.nan_to_num(aligned) / np.float32(scale))
-    kept = (aligned, svalid) if keep_aligned and f == 1 else None
-    del aligned
+        # The quality figures of an averaged scene: its averaged after image
+        # resampled through the model (not the file again: a third pass over it).
+        lum_new, svalid = coreg.apply_model(lum_a, reg.model, valid=avalid)
+        lum_new = np.nan_to_num(lum_new)
     centre = ((grid.height - 1) / 2.0, (grid.width - 1) / 2.0)
     dy, dx = (float(v) for v in full_model.displacement(*centre))
     gdy, gdx = float(est.dy) * f, float(est.dx) * f

@@ -127,11 +127,23 @@ def block_mean(data: np.ndarray, valid: np.ndarray, f: int, *, all_valid: bool =
     size_hw, n = (ww, hh), float(f * f)
 
     def area(x: np.ndarray) -> np.ndarray:
-        # exact block sums (OpenCV's area interpolation for an integer factor)
-        pad = np.zeros((hh * f, ww * f), np.float32)
-        pad[:h, :w] = x
+        # block sums (OpenCV's area interpolation for an integer factor)
+        if (hh * f, ww * f) == (h, w):
+            pad = np.ascontiguousarray(x, dtype=np.float32)
+        else:
+            pad = np.zeros((hh * f, ww * f), np.float32)
+            pad[:h, :w] = x
         return cv2.resize(pad, size_hw, interpolation=cv2.INTER_AREA) * n
 
+    if valid.all():
+        # every block valid: divide by its pixel count (partial at the edges)
+        rows_in = np.minimum(f, h - np.arange(hh) * f).astype(np.float32)
+        cols_in = np.minimum(f, w - np.arange(ww) * f).astype(np.float32)
+        counts = rows_in[:, None] * cols_in[None, :]
+        out = np.empty((b, hh, ww), np.float32)
+        for i in range(b):
+            out[i] = area(data[i]) / counts
+        return out, np.ones((hh, ww), bool)
     counts = area(valid.astype(np.float32))
     size = area(np.ones((h, w), np.float32))
     ok = counts >= size - 0.5 if all_valid else counts > 0.5
