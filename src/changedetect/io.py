@@ -1028,6 +1028,7 @@ class RasterReader:
     def __init__(self, path: str | os.PathLike, *, bands: list[int] | None = None,
                  scale: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
         self._stack = contextlib.ExitStack()
         self._src = self._stack.enter_context(open_raster(self.path, max_pixels=max_pixels))
         self.indexes = _check_bands(self.path, self._src.count, bands)
@@ -1064,7 +1065,8 @@ class RasterReader:
         return self._src.dtypes[0]
 
     def _read(self, win: Any) -> tuple[np.ndarray, np.ndarray]:
-        return _read_window(self._src, self.path, self.indexes, win)
+        with self._lock:  # a dataset is read by one thread at a time
+            return _read_window(self._src, self.path, self.indexes, win)
 
     def read(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[r0, r1)``, columns ``[c0, c1)``: scaled bands (0 where invalid) and the valid mask."""

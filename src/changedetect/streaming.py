@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -469,7 +470,7 @@ class Detector:
 
     def __init__(self, before: io.RasterReader, after: io.RasterReader, grid: Grid, config: Any,
                  *, strip_pixels: int = STRIP_PIXELS,
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
+                 progress: Callable[[str, int, int], None] | None = None, workers: int | None = None) -> None:
         self.before, self.after, self.grid, self.config = before, after, grid, config
         res = grid.res
         self.pixel_size = math.sqrt(res[0] * res[1])
@@ -477,6 +478,9 @@ class Detector:
         self.progress = progress
         c = config.change
         self.ssim_sigma_px = max(1.5, c.ssim_sigma_m / self.pixel_size)
+        #: strips of the change layers computed at once (at most 2: the memory of one
+        #: full strip is shared among them)
+        self.workers = max(1, min(2, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
 
     # -- helpers
     def _tick(self, stage: str, rows: int, total: int) -> None:
@@ -485,6 +489,12 @@ class Detector:
 
     def _rows(self, width: int, halo: int) -> int:
         return max(16, self.strip_pixels // max(width, 1) - 2 * halo)
+
+    def _strips(self, bands: list[tuple[int, int]], width: int, halo: int, hi: int) -> Any:
+        """The strips of the row ``bands``, sized for :attr:`workers` strips at once."""
+        size = max(16, self._rows(width, halo) // self.workers)
+        for a, b in bands:
+            yield from strips(a, b, size=size, halo=halo, hi=hi)
 
     def _normaliser(self, norm: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """``norm.apply``, through a lookup table when the after image is 8-bit (same values, faster)."""
@@ -517,16 +527,19 @@ class Detector:
         xs, ys, fallback_x, fallback_y = [], [], [], []
         bands = sample_bands(0, h, w)
         total = sum(b - a for a, b in bands)
-        for a, b in bands:
-            for s in strips(a, b, size=self._rows(w, halo), halo=halo, hi=h):
-                bef, aft, valid = self._read(s.h0, s.h1, 0, w)
-                stable = change_mod.stable_mask(bef, aft, valid=valid, sigma=sigma, center=SSIM_CENTER)[s.core]
-                core_b, core_a, core_v = bef[:, s.core], aft[:, s.core], valid[s.core]
-                xs.append(core_a[:, stable])
-                ys.append(core_b[:, stable])
-                fallback_x.append(core_a[:, core_v])
-                fallback_y.append(core_b[:, core_v])
-                self._tick("fitting radiometry", s.rows, total)
+
+        def sample(s: Any) -> tuple[np.ndarray, ...]:
+            bef, aft, valid = self._read(s.h0, s.h1, 0, w)
+            stable = change_mod.stable_mask(bef, aft, valid=valid, sigma=sigma, center=SSIM_CENTER)[s.core]
+            core_b, core_a, core_v = bef[:, s.core], aft[:, s.core], valid[s.core]
+            return core_a[:, stable], core_b[:, stable], core_a[:, core_v], core_b[:, core_v]
+
+        for s, (x, y, fx, fy) in _ordered(sample, self._strips(bands, w, halo, h), self.workers):
+            xs.append(x)
+            ys.append(y)
+            fallback_x.append(fx)
+            fallback_y.append(fy)
+            self._tick("fitting radiometry", s.rows, total)
         x, y = np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
         vx, vy = np.concatenate(fallback_x, axis=1), np.concatenate(fallback_y, axis=1)
         if vx.shape[1] == 0:
@@ -547,15 +560,18 @@ class Detector:
         normalise = self._normaliser(norm)
         bands = sample_bands(region.r0, region.r1, region.width)
         total = sum(b - a for a, b in bands)
-        for a, b in bands:
-            for s in strips(a, b, size=self._rows(cc1 - cc0, halo), halo=halo, hi=self.grid.height):
-                bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
-                aft = normalise(aft, valid)
-                samples.append(change_mod.scene_samples(
-                    bef, aft, valid=valid, rows=s.core, cols=cols, pixel_size=self.pixel_size,
-                    ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m, center=SSIM_CENTER,
-                ))
-                self._tick("no-change statistics", s.rows, total)
+
+        def sample(s: Any) -> dict[str, np.ndarray]:
+            bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
+            aft = normalise(aft, valid)
+            return change_mod.scene_samples(
+                bef, aft, valid=valid, rows=s.core, cols=cols, pixel_size=self.pixel_size,
+                ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m, center=SSIM_CENTER,
+            )
+
+        for s, values in _ordered(sample, self._strips(bands, cc1 - cc0, halo, self.grid.height), self.workers):
+            samples.append(values)
+            self._tick("no-change statistics", s.rows, total)
         return change_mod.scene_statistics(samples)
 
     # -- 4-5. layers, threshold, objects
@@ -587,7 +603,8 @@ class Detector:
             per_aoi = {i: {"analysed": 0, "ssim_sum": 0.0} for i in range(1, n_aoi + 1)}
             lo, hi, n_inside = np.inf, -np.inf, 0
             normalise = self._normaliser(norm)
-            for s in strips(region.r0, region.r1, size=self._rows(cc1 - cc0, halo), halo=halo, hi=grid.height):
+
+            def compute(s: Any) -> tuple[Any, np.ndarray]:
                 bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
                 aft = normalise(aft, valid)
                 layers = change_mod.change_layers(
@@ -596,10 +613,15 @@ class Detector:
                     structure_weight=c.structure_weight, shadow_damping=c.shadow_damping,
                     statistics=stats, center=SSIM_CENTER,
                 )
-                del bef, aft
-                inner = (s.core, cols)
                 sgrid = grid.window_grid(s.r0, region.c0, s.rows, region.width)
-                aoi = rasterize(geoms, sgrid, list(range(1, n_aoi + 1)))
+                return layers, rasterize(geoms, sgrid, list(range(1, n_aoi + 1)))
+
+            # Two strips are computed at once (OpenCV and numpy release the GIL), each
+            # half the usual size so memory stays the same; results are taken in
+            # row order, so the files do not depend on it.
+            for s, (layers, aoi) in _ordered(compute, self._strips([(region.r0, region.r1)], cc1 - cc0, halo,
+                                                                    grid.height), self.workers):
+                inner = (s.core, cols)
                 inside = (aoi > 0) & layers.valid[inner]
                 row = s.r0 - region.r0
                 values = {
@@ -825,6 +847,31 @@ def uncertainty_columns(area_m2: float, uncertainty_m: float | None) -> dict[str
         return {"position_uncertainty_m": float("nan"), "below_uncertainty": False}
     u = float(uncertainty_m)
     return {"position_uncertainty_m": round(u, 3), "below_uncertainty": bool(area_m2 < math.pi * u * u)}
+
+
+def _ordered(func: Callable[[Any], Any], items: Any, workers: int) -> Any:
+    """``(item, func(item))`` in order, ``workers`` items computed at a time (threads)."""
+    if workers <= 1:
+        for item in items:
+            yield item, func(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(func, item)))
+                if len(pending) >= workers:
+                    first, fut = pending.popleft()
+                    yield first, fut.result()
+            while pending:
+                first, fut = pending.popleft()
+                yield first, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
