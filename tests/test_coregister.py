@@ -792,3 +792,127 @@ def test_apply_model_matches_apply_shift_and_follows_a_field():
     valid[40:50, 30:40] = False
     _, ok = apply_model(img, GeometricModel.translation(0.5, 0.5), valid=valid, order=3)
     assert not ok[40:49, 30:39].any() and ok[60:90, 50:70].all()
+
+
+# ---------------------------------------------------------------------------
+# Partial coverage: windows over the pixels valid in both images
+# ---------------------------------------------------------------------------
+
+
+def test_overlap_bbox_and_area_boxes() -> None:
+    ref_ok = np.ones((200, 300), bool)
+    mov_ok = np.zeros((200, 300), bool)
+    mov_ok[120:190, 40:260] = True
+    assert cr._overlap_bbox(ref_ok, mov_ok) == (120, 40, 70, 220)
+    assert cr._overlap_bbox(ref_ok, np.zeros_like(mov_ok)) is None
+    # A 64 px grid over that box: every window inside it, side by side.
+    boxes = cr._area_boxes((120, 40, 70, 220), (200, 300), 64, 64, 100)
+    assert len(boxes) == 3
+    for r0, c0, h, w in boxes:
+        assert (h, w) == (64, 64)
+        assert r0 >= 120
+        assert r0 + h <= 190
+        assert c0 >= 40
+        assert c0 + w <= 260
+    # A box narrower than a window is widened around its centre, inside the grid.
+    (r0, c0, h, w), = cr._area_boxes((180, 10, 20, 30), (200, 300), 64, 64, 100)
+    assert (r0, c0, h, w) == (136, 0, 64, 64)
+
+
+def test_register_partial_coverage_known_answer() -> None:
+    # The after image covers only the bottom 40 % of the before grid (like a
+    # post-event tile cut from another mosaic): every tie window lies where
+    # both images have data, and the shift is found.
+    n = 512
+    shift = (3.4, -2.2)
+    ref, mov = shifted_pair(n, shift, seed=21)
+    mov_ok = np.zeros((n, n), bool)
+    mov_ok[300:, 20:] = True
+    mov = np.where(mov_ok, mov, 0.0).astype(np.float32)
+    reg = cr.register(ref, mov, moving_valid=mov_ok, max_shift=32)
+    assert reg.reliable
+    tp = reg.tie_points
+    half = reg.window / 2.0
+    assert (tp.row - half >= 300 - 0.5).all()
+    assert (tp.col - half >= 20 - 0.5).all()
+    dy, dx = reg.model.displacement(400.0, 256.0)
+    assert abs(dy - shift[0]) < 0.05
+    assert abs(dx - shift[1]) < 0.05
+    est = estimate_shift(ref, mov, moving_valid=mov_ok, max_shift=32)
+    assert est.reliable
+    assert_shift(est, shift, 0.05)
+
+
+# ---------------------------------------------------------------------------
+# Noisy tie points: reliability from the model's precision and spatial structure
+# ---------------------------------------------------------------------------
+
+
+def test_structure_p_noise_vs_smooth_misfit() -> None:
+    rng = np.random.default_rng(2841)
+    r, c = (v.ravel().astype(np.float64) for v in np.mgrid[0:512:64, 0:512:64])
+    noise = rng.normal(0.0, 1.0, (2, r.size))
+    assert cr._structure_p(r, c, *noise) > 0.05
+    # A rotation the model misses: neighbours are off in the same direction.
+    t = 0.004
+    ey, ex = t * (c - 256.0), -t * (r - 256.0)
+    assert cr._structure_p(r, c, ey + 0.2 * noise[0], ex + 0.2 * noise[1]) < 0.01
+    # Deterministic, and undefined for fewer than 6 points.
+    assert cr._structure_p(r, c, *noise) == cr._structure_p(r, c, *noise)
+    assert math.isnan(cr._structure_p(r[:5], c[:5], ey[:5], ex[:5]))
+
+
+def _blockwise_pair(n: int, block: int, base: tuple[float, float], sigma: float, seed: int):
+    """A translation plus an independent offset per ``block`` px block (like objects that lean)."""
+    offsets = np.random.default_rng(seed).normal(0.0, sigma, (n // block, n // block, 2))
+
+    def disp(r, c):
+        i = np.clip((r // block).astype(int), 0, n // block - 1)
+        j = np.clip((c // block).astype(int), 0, n // block - 1)
+        return base[0] + offsets[i, j, 0], base[1] + offsets[i, j, 1]
+
+    ref, mov = warped_pair(n, disp, seed=7)
+    return ref, mov, offsets.reshape(-1, 2).mean(axis=0)
+
+
+def test_register_noisy_tie_points_are_averaged_out() -> None:
+    # Every 64 px block moved by its own random offset (sd 1 px per axis):
+    # single tie points scatter by more than 1 px, but without spatial
+    # structure; their mean pins the translation down.
+    base = (2.3, -1.7)
+    ref, mov, mean_offset = _blockwise_pair(512, 64, base, 1.0, seed=1)
+    reg = cr.register(ref, mov, max_shift=16, window=64)
+    assert reg.model.kind == "translation"
+    assert 1.0 < reg.rmse <= 2.0
+    assert reg.reliable
+    assert reg.model_se < 0.3
+    assert reg.structure_p >= 0.05
+    assert any("tie-point noise" in note for note in reg.notes)
+    truth = np.asarray(base) + mean_offset
+    assert np.hypot(*(np.asarray(reg.model.displacement(255.5, 255.5)) - truth)) < 0.4
+    d = reg.as_dict((512, 512))
+    assert d["model_se_px"] == pytest.approx(reg.model_se)
+    json.dumps(d, allow_nan=False)
+
+
+def test_register_structured_misfit_stays_unreliable() -> None:
+    # A 0.5 degree rotation that the translation-only cap cannot model: the
+    # residuals are as large as tie-point noise, but neighbours agree, so the
+    # translation is not passed off as reliable.
+    n = 512
+    t = math.radians(0.5)
+    centre = (n - 1) / 2.0
+
+    def disp(r, c):
+        rr, cc = r - centre, c - centre
+        return (math.cos(t) - 1) * rr + math.sin(t) * cc + 1.5, -math.sin(t) * rr + (
+            math.cos(t) - 1
+        ) * cc - 2.0
+
+    ref, mov = warped_pair(n, disp, seed=7)
+    reg = cr.register(ref, mov, max_shift=16, window=64, model="translation")
+    assert reg.model.kind == "translation"
+    assert 1.0 < reg.rmse <= 2.0
+    assert reg.structure_p < 0.05
+    assert not reg.reliable
+    assert any("spatial structure" in note for note in reg.notes)

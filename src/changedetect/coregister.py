@@ -55,6 +55,18 @@ Method
    a richer model is used only when it cuts the held-out error significantly.
    The result (:class:`Registration`) carries the :class:`GeometricModel` to
    apply in one resampling, its held-out residual and a reliability verdict.
+   Where most of the scene changed (and across sensors) single tie points
+   are noisy: a model whose held-out residual is above 1 pixel is still
+   reliable when that scatter has no spatial structure (a permutation test
+   of the correlation between neighbouring residuals) and averages out over
+   the inliers (standard error of the model at most 0.5 pixel).
+
+Every window grid (the consensus windows, the dense tie points) and the
+whole-image search are laid over the bounding box of the pixels valid in
+both images, not over the whole grid: an after image that covers only part
+of the before image gets all its windows where it has data, and the coarsest
+pyramid level is chosen so that this overlap keeps at least 64 pixels on its
+short side.
 
 Cast shadows move with the sun between the dates. In built-up scenes their
 edges are a large share of all edges and bias a translation toward their own
@@ -1292,6 +1304,57 @@ class _Setup:
     min_vote_ratio: float
     tile: int
     shadows_masked: bool = False
+    #: Bounding box (row0, col0, rows, cols) of the pixels valid in both images:
+    #: windows are laid out over it, not over the whole grid.
+    overlap: tuple[int, int, int, int] | None = None
+
+    @property
+    def area(self) -> tuple[int, int, int, int]:
+        """The overlap box, or the whole grid if there is none."""
+        return self.overlap or (0, 0, self.shape[0], self.shape[1])
+
+
+def _overlap_bbox(
+    ref_mask: np.ndarray, mov_mask: np.ndarray
+) -> tuple[int, int, int, int] | None:
+    """Bounding box (row0, col0, rows, cols) of the pixels valid in both masks.
+
+    None if no pixel is valid in both (e.g. images that overlap only once
+    shifted): the whole grid is used then.
+    """
+    both = ref_mask & mov_mask
+    rows = np.flatnonzero(both.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(both.any(axis=0))
+    return (
+        int(rows[0]),
+        int(cols[0]),
+        int(rows[-1] - rows[0] + 1),
+        int(cols[-1] - cols[0] + 1),
+    )
+
+
+def _area_boxes(
+    area: tuple[int, int, int, int],
+    shape: tuple[int, int],
+    tile: int,
+    step: int,
+    max_tiles: int,
+) -> list[tuple[int, int, int, int]]:
+    """Window grid over ``area`` (grown to at least one ``tile`` inside ``shape``)."""
+    r0, c0, h, w = area
+    # An overlap narrower than a window: widen the area around its centre.
+    if h < tile:
+        r0 = min(max(r0 - (tile - h) // 2, 0), max(shape[0] - tile, 0))
+        h = min(tile, shape[0])
+    if w < tile:
+        c0 = min(max(c0 - (tile - w) // 2, 0), max(shape[1] - tile, 0))
+        w = min(tile, shape[1])
+    return [
+        (r0 + r, c0 + c, bh, bw)
+        for r, c, bh, bw in _tile_boxes((h, w), tile, step, max_tiles)
+    ]
 
 
 def _setup(
@@ -1340,6 +1403,8 @@ def _setup(
         raise ValueError("reference_valid leaves no valid pixel in reference")
     if not mov_mask.any():
         raise ValueError("moving_valid leaves no valid pixel in moving")
+    overlap = _overlap_bbox(ref_mask, mov_mask)
+    area_shape = shape if overlap is None else overlap[2:]
     masked = False
     if shadows is None or shadows:
         t_ref = _dark_threshold(ref_lum, ref_mask, strict=shadows is None)
@@ -1351,7 +1416,7 @@ def _setup(
                 ref_mask, mov_mask, masked = dark_ref, dark_mov, True
     levels = _n_levels(min(shape), max_shift, _MIN_LEVEL_SIZE)
     if tile is None:
-        tile = _DEFAULT_TILE_LARGE if min(shape) >= 1024 else _DEFAULT_TILE_SMALL
+        tile = _DEFAULT_TILE_LARGE if min(area_shape) >= 1024 else _DEFAULT_TILE_SMALL
     tile = _check_int(tile, "tile", _MIN_WINDOW)
     if use_tiles:
         levels = max(levels, _n_levels(min(tile, *shape), max_shift, _MIN_WINDOW))
@@ -1366,6 +1431,7 @@ def _setup(
         min_vote_ratio=min_vote_ratio,
         tile=tile,
         shadows_masked=masked,
+        overlap=overlap,
     )
 
 
@@ -1422,11 +1488,11 @@ def _dark_threshold(
 
 def _global(setup: _Setup, window: int, *, coarse_only: bool = False) -> ShiftEstimate:
     """Whole-image coarse-to-fine estimate (integer, coarsest level only if asked)."""
-    start = _n_levels(min(setup.shape), setup.max_shift, _MIN_LEVEL_SIZE)
+    start = _n_levels(min(setup.area[2:]), setup.max_shift, _MIN_LEVEL_SIZE)
     res = _measure(
         setup.ref,
         setup.mov,
-        (0, 0, setup.shape[0], setup.shape[1]),
+        setup.area,
         start_level=start,
         max_shift=setup.max_shift,
         upsample=setup.upsample,
@@ -1454,7 +1520,7 @@ def _tiles(
     )
     rows: list[tuple[float, float, float, float, float, float]] = []
     consistent: list[bool] = []
-    for box in _tile_boxes(setup.shape, tile, step, max_tiles):
+    for box in _area_boxes(setup.area, setup.shape, tile, step, max_tiles):
         r0, c0, h, w = box
         if (
             float(setup.ref.levels[0][1][r0 : r0 + h, c0 : c0 + w].mean())
@@ -1693,7 +1759,9 @@ def _estimate_raw(
     min_inliers: int,
     window: int,
 ) -> ShiftEstimate:
-    n_boxes = len(_tile_boxes(setup.shape, setup.tile, step or setup.tile, max_tiles))
+    n_boxes = len(
+        _area_boxes(setup.area, setup.shape, setup.tile, step or setup.tile, max_tiles)
+    )
     if not consensus or n_boxes < 4:
         return _global(setup, window)
     tiles = _tiles(setup, step, max_tiles, min_inliers)
@@ -1702,7 +1770,7 @@ def _estimate_raw(
         # integer shift is good to one coarse pixel): two confident answers
         # that disagree make the consensus unreliable.
         coarse = _global(setup, window, coarse_only=True)
-        scale = 2 ** _n_levels(min(setup.shape), setup.max_shift, _MIN_LEVEL_SIZE)
+        scale = 2 ** _n_levels(min(setup.area[2:]), setup.max_shift, _MIN_LEVEL_SIZE)
         if (
             coarse.reliable
             and max(abs(tiles.dy - coarse.dy), abs(tiles.dx - coarse.dx))
@@ -1756,7 +1824,9 @@ def estimate_shift_tiles(
         Sub-pixel grid of each window's estimate, ``1 / upsample_factor`` pixel.
     tile : int, optional
         Window side in pixels (at least 64; clipped to the image). Default:
-        256 for images of at least 1024 pixels on their short side, else 128.
+        256 when the pixels valid in both images span at least 1024 pixels
+        on their short side, else 128. The windows cover the bounding box of
+        those pixels.
     step : int, optional
         Spacing of the windows; default ``tile`` (no overlap).
     max_tiles : int, optional
@@ -1862,6 +1932,17 @@ _FIELD_SMOOTHING = (0.01, 0.1, 1.0, 10.0)
 _DENSE_MAX_POINTS = 144
 _DENSE_WINDOW_MIN = 64
 _DENSE_WINDOW_MAX = 128
+# Noise-limited tie points (massive change, another sensor): a translation or
+# affine model whose held-out residual is above _MAX_RMSE is still reliable if
+# that residual is at most _NOISY_MAX_RMSE, the model's standard error is at
+# most _MAX_MODEL_SE (its 95 % interval within 1 px) and the residuals show no
+# spatial structure (permutation test of neighbour correlation, p >= _STRUCTURE_P
+# over _STRUCTURE_PERMUTATIONS shuffles among _STRUCTURE_NEIGHBOURS neighbours).
+_NOISY_MAX_RMSE = 2.0
+_MAX_MODEL_SE = 0.5
+_STRUCTURE_P = 0.05
+_STRUCTURE_PERMUTATIONS = 999
+_STRUCTURE_NEIGHBOURS = 4
 # Images larger than this (short side, pixels) get their global estimate on a
 # 2x2-block-mean pyramid level: the dense tie points restore full resolution.
 _GLOBAL_MAX_SIDE = 1024
@@ -2020,6 +2101,19 @@ class Registration:
         had enough support.
     notes : tuple of str
         Why a simpler model than asked, or the identity, was used.
+    model_se : float
+        Standard error (pixels) of the displacement the model predicts,
+        averaged over the inlier tie points: ``rmse * sqrt(p / n)`` for a
+        model of ``p`` parameters per axis fitted to ``n`` points (NaN for the
+        field and when nothing was fitted). The tie points' own scatter
+        (``rmse``) is larger when they are noisy, as in a scene where most
+        things changed.
+    structure_p : float
+        p-value of the permutation test for spatial structure in the inliers'
+        residuals (correlation of each residual with the mean of its 4
+        nearest neighbours' residuals). Small: neighbouring tie points are off
+        in the same direction, i.e. the model misses part of the geometry.
+        NaN when not computed (fewer than 6 inliers).
     """
 
     model: GeometricModel
@@ -2032,6 +2126,8 @@ class Registration:
     notes: tuple[str, ...] = ()
     window: int = 0
     spacing: int = 0
+    model_se: float = math.nan
+    structure_p: float = math.nan
 
     @property
     def n_used(self) -> int:
@@ -2051,6 +2147,8 @@ class Registration:
             "reliable": bool(self.reliable),
             "residual_rmse_px": _json_float(self.rmse),
             "fit_rmse_px": _json_float(self.fit_rmse),
+            "model_se_px": _json_float(self.model_se),
+            "residual_structure_p": _json_float(self.structure_p),
             "tie_points_used": self.n_used,
             "tie_points_rejected": self.n_rejected,
             "tie_window_px": int(self.window),
@@ -2215,6 +2313,43 @@ def _ransac_affine(
     return best
 
 
+def _structure_p(
+    rows: np.ndarray, cols: np.ndarray, ey: np.ndarray, ex: np.ndarray
+) -> float:
+    """p-value of spatial structure in residual vectors ``(ey, ex)`` at ``(rows, cols)``.
+
+    The statistic is the correlation between each residual and the mean
+    residual of its nearest neighbours; its distribution without structure
+    is sampled by shuffling the residuals among the points (fixed seed). A
+    smooth misfit (the model misses a rotation, a scale or a local
+    distortion) makes neighbours agree and the p-value small; noise, or
+    displacements of single objects (leaning buildings, moved debris), does
+    not. NaN for fewer than 6 points.
+    """
+    from scipy.spatial import cKDTree
+
+    n = rows.shape[0]
+    if n < 6:
+        return math.nan
+    k = min(_STRUCTURE_NEIGHBOURS, n - 1)
+    pts = np.column_stack([rows, cols])
+    _, idx = cKDTree(pts).query(pts, k=k + 1)
+    nb = idx[:, 1:]
+
+    def stat(vy: np.ndarray, vx: np.ndarray) -> np.ndarray:
+        # vy, vx: (P, n) residual components, one permutation per row.
+        my, mx = vy[:, nb].mean(axis=2), vx[:, nb].mean(axis=2)
+        num = (vy * my + vx * mx).sum(axis=1)
+        den = np.sqrt((vy * vy + vx * vx).sum(axis=1) * (my * my + mx * mx).sum(axis=1))
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+    observed = float(stat(ey[None], ex[None])[0])
+    rng = np.random.default_rng(19500101)
+    perm = np.argsort(rng.random((_STRUCTURE_PERMUTATIONS, n)), axis=1)
+    null = stat(ey[perm], ex[perm])
+    return float((1 + np.count_nonzero(null >= observed)) / (_STRUCTURE_PERMUTATIONS + 1))
+
+
 def _local_inliers(
     rows: np.ndarray, cols: np.ndarray, ry: np.ndarray, rx: np.ndarray, tol: float
 ) -> np.ndarray:
@@ -2246,9 +2381,20 @@ def _local_inliers(
 
 
 def _dense_boxes(
-    shape: tuple[int, int], window: int | None, spacing: int | None, max_points: int
+    shape: tuple[int, int],
+    window: int | None,
+    spacing: int | None,
+    max_points: int,
+    area: tuple[int, int, int, int] | None = None,
 ) -> tuple[list[tuple[int, int, int, int]], int, int]:
-    """Windows of the dense tie-point grid and the window side and spacing used."""
+    """Windows of the dense tie-point grid and the window side and spacing used.
+
+    The grid covers ``area`` (default: the whole grid), the bounding box of
+    the pixels valid in both images: an after image that covers only part of
+    the before grid gets its windows where it has data.
+    """
+    area = area or (0, 0, shape[0], shape[1])
+    size = area[2:]
     if window is None:
         window = int(2 ** round(math.log2(max(min(shape) / 8.0, 1.0))))
         window = min(max(window, _DENSE_WINDOW_MIN), _DENSE_WINDOW_MAX)
@@ -2256,9 +2402,9 @@ def _dense_boxes(
     if spacing is None:
         spacing = window
         # As dense as max_points allows.
-        area = (max(shape[0] - window, 0) + spacing) * (max(shape[1] - window, 0) + spacing)
-        spacing = max(spacing, int(math.ceil(math.sqrt(area / max_points))))
-    boxes = _tile_boxes(shape, window, spacing, max_points)
+        extent = (max(size[0] - window, 0) + spacing) * (max(size[1] - window, 0) + spacing)
+        spacing = max(spacing, int(math.ceil(math.sqrt(extent / max_points))))
+    boxes = _area_boxes(area, shape, window, spacing, max_points)
     return boxes, window, spacing
 
 
@@ -2357,7 +2503,8 @@ def register(
         Side and spacing (pixels) of the dense tie-point windows. Default:
         a power of two near an eighth of the short side (64 to 128 pixels),
         side by side (no overlap: independent measurements), or wider apart
-        to keep at most ``max_points``.
+        to keep at most ``max_points``, over the bounding box of the pixels
+        valid in both images.
     max_points : int, optional
         Largest number of dense tie points.
     min_vote_ratio : float, optional
@@ -2403,6 +2550,17 @@ def register(
        estimate is reliable and agrees (or, when the global estimate is not
        reliable, at least 8 tie points agree). Otherwise the simpler supported
        model, or the identity, is returned with ``reliable=False`` and a note.
+       A translation or affine model whose held-out RMSE is between 1 and 2
+       pixels is reliable too (with a note) if the tie points' scatter is
+       noise: no spatial structure in the residuals (permutation test of the
+       correlation of each residual with the mean of its 4 nearest
+       neighbours', p >= 0.05) and a standard error of the model,
+       ``rmse * sqrt(p / n)`` for ``p`` parameters per axis and ``n``
+       inliers, of at most 0.5 pixel. Single tie points are noisy where most
+       of the scene changed, but their mean is not.
+
+    The windows (global consensus and dense tie points) are laid over the
+    bounding box of the pixels valid in both images.
 
     When the global estimate is not reliable, the dense tie points are also
     searched around the identity (the georeferencing as given), and the
@@ -2575,6 +2733,57 @@ def _compare_models(
     return candidates, errors, smoothing
 
 
+def _noise_check(
+    kind: str,
+    fitted: GeometricModel,
+    rmse: float,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+) -> tuple[float, float, bool]:
+    """Standard error of a linear model, spatial structure of its residuals, and the verdict.
+
+    Returns ``(model_se, structure_p, noisy)``; ``noisy`` is True when the
+    held-out residual ``rmse`` is above ``_MAX_RMSE`` but the scatter is
+    tie-point noise the model averages out: at most ``_NOISY_MAX_RMSE``, no
+    spatial structure (p >= ``_STRUCTURE_P``) and a standard error of at most
+    ``_MAX_MODEL_SE``. NaN and False for the field (chosen only when the
+    residuals have structure a linear model misses).
+    """
+    if kind not in ("translation", "affine"):
+        return math.nan, math.nan, False
+    n_par = 1 if kind == "translation" else 3
+    model_se = rmse * math.sqrt(n_par / rows.shape[0])
+    py, px = fitted.displacement(rows, cols)
+    structure_p = _structure_p(rows, cols, dy - py, dx - px)
+    noisy = (
+        rmse > _MAX_RMSE
+        and rmse <= _NOISY_MAX_RMSE
+        and model_se <= _MAX_MODEL_SE
+        and structure_p >= _STRUCTURE_P
+    )
+    return model_se, structure_p, bool(noisy)
+
+
+def _residual_note(
+    rmse: float, model_se: float, structure_p: float, n_in: int, *, reliable: bool
+) -> str:
+    """Why a held-out residual above ``_MAX_RMSE`` was, or was not, accepted."""
+    head = f"held-out residual {rmse:.2f} px is above {_MAX_RMSE:g} px"
+    if reliable:
+        return (
+            f"{head} but shows no spatial structure (p = {structure_p:.2f}): tie-point "
+            f"noise, averaged out by {n_in} inliers (model standard error {model_se:.2f} px)"
+        )
+    if not math.isfinite(model_se):
+        return head
+    return (
+        f"{head} and the tie points do not average it out (model standard error "
+        f"{model_se:.2f} px, spatial structure p = {structure_p:.2f})"
+    )
+
+
 def _register(
     setup: _Setup,
     est: ShiftEstimate,
@@ -2583,7 +2792,9 @@ def _register(
     spacing: int | None,
     max_points: int,
 ) -> Registration:
-    boxes, window, spacing = _dense_boxes(setup.shape, window, spacing, max_points)
+    boxes, window, spacing = _dense_boxes(
+        setup.shape, window, spacing, max_points, setup.area
+    )
     notes: list[str] = []
     empty = Registration(
         GeometricModel.identity(), False, math.nan, math.nan, est, None, {}, (),
@@ -2633,7 +2844,8 @@ def _register(
     accepted[idx[inl]] = True
     fit_rmse = float(np.sqrt(np.mean(residual[accepted] ** 2)))
     ties = replace(ties, accepted=accepted, residual=residual)
-    reliable = rmse <= _MAX_RMSE
+    model_se, structure_p, noisy = _noise_check(chosen, fitted, rmse, ri, ci, yi, xi)
+    reliable = rmse <= _MAX_RMSE or noisy
     confirmed = est.reliable
     if chosen == "translation":
         # A handful of points can agree by chance on unrelated images: a
@@ -2645,18 +2857,17 @@ def _register(
         else:
             confirmed = n_in >= _MIN_SUPPORT["affine"]
         reliable = reliable and confirmed
-    if not reliable:
-        if chosen == "translation" and not confirmed:
-            notes.append(
-                "the translation could not be confirmed: identity used "
-                "(the georeferencing is not corrected)"
-            )
-            fitted = GeometricModel.identity()
-        else:
-            notes.append(f"held-out residual {rmse:.2f} px is above {_MAX_RMSE:g} px")
+    if not reliable and chosen == "translation" and not confirmed:
+        notes.append(
+            "the translation could not be confirmed: identity used "
+            "(the georeferencing is not corrected)"
+        )
+        fitted = GeometricModel.identity()
+    elif not reliable or noisy:
+        notes.append(_residual_note(rmse, model_se, structure_p, n_in, reliable=reliable))
     return Registration(
         fitted, bool(reliable), rmse, fit_rmse, est, ties, candidates, tuple(notes),
-        window, spacing,
+        window, spacing, model_se, structure_p,
     )
 
 

@@ -287,6 +287,8 @@ def estimate_alignment(
             "residual_rmse_px": _round(rmse),
             "residual_rmse_m": _round(rmse * pixel_m),
             "fit_rmse_px": _round(reg.fit_rmse * f),
+            "model_se_px": _round(reg.model_se * f),
+            "residual_structure_p": _round(reg.structure_p),
             "position_uncertainty_m": round(uncertainty_m, 4),
             "reliable": bool(reg.reliable),
             "ssim_before_correction": _mean_over(ssim_raw, common_raw),
