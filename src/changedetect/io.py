@@ -251,9 +251,9 @@ class _BlockRowCache:
             keep = min(4, int(self.budget // self.files // max(unit_bytes, 1)))
             rows = None
             if keep >= 2:  # else too wide for the budget: windows are read directly
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    rows = _BlockRows(rasterio.open(path), path, indexes, keep=keep)
+                # (no warnings.catch_warnings here: it is not thread-safe, and the
+                # caller has opened the file already, so it is georeferenced)
+                rows = _BlockRows(rasterio.open(path), path, indexes, keep=keep)
             while len(self.entries) >= self.files:
                 old = self.entries.pop(next(iter(self.entries)))
                 if old is not None:

@@ -517,28 +517,29 @@ QUICKLOOK_MAX_SIDE = 1024
 
 def _write_quicklook(path: Path, rb: io.RasterReader, ra: io.RasterReader, score_path: Path, det: Any,
                      aois: Any, region: Any, *, title: str) -> None:
-    """quicklook.png of the analysed region (read decimated when large)."""
+    """quicklook.png of the analysed region (block averages when large).
+
+    The co-registered after image and the score are COGs by now, so their
+    averages come from their overviews; the before image is read once.
+    """
     from .quicklook import quicklook
 
     f = max(1, math.ceil(max(region.height, region.width) / QUICKLOOK_MAX_SIDE))
-    step = max(f, (max(1, (1 << 22) // max(region.width, 1)) // f) * f)
+    qgrid = streaming._decimated(det.grid, f)
 
-    def decimated(read: Any, r0: int, c0: int) -> tuple[np.ndarray, np.ndarray]:
-        parts, masks = [], []
-        for a in range(0, region.height, step):
-            b = min(region.height, a + step)
-            arr, ok = read(r0 + a, r0 + b, c0, c0 + region.width)
-            mean, good = streaming.block_mean(arr, ok, f, all_valid=False)
-            parts.append(mean)
-            masks.append(good)
-        return np.concatenate(parts, axis=1), np.concatenate(masks, axis=0)
+    def averaged(reader: io.RasterReader, r0: int = region.r0, c0: int = region.c0) -> tuple[np.ndarray, np.ndarray]:
+        if f == 1:
+            arr, ok = reader.read_raw(r0, r0 + region.height, c0, c0 + region.width)
+        else:
+            arr = io.read_averaged(reader.path, qgrid, bands=reader.indexes, factor=f)
+            ok = np.all(np.isfinite(arr), axis=0)
+        return np.nan_to_num(arr) / np.float32(reader.scale), ok
 
-    before, bvalid = decimated(rb.read_raw, region.r0, region.c0)
-    after, avalid = decimated(ra.read_raw, region.r0, region.c0)
-    before = np.nan_to_num(before) / np.float32(rb.scale)
-    after = det.normalisation.apply(np.nan_to_num(after) / np.float32(ra.scale), bvalid & avalid)
+    before, bvalid = averaged(rb)
+    after, avalid = averaged(ra)
+    after = det.normalisation.apply(after, bvalid & avalid)
     with io.RasterReader(score_path, scale=1.0) as rs:
-        score, svalid = decimated(rs.read_raw, 0, 0)
+        score, svalid = averaged(rs, 0, 0)  # the score covers the region only
         score = np.where(svalid, score, np.nan)
     quicklook(path, before=before, after=after, score=score[0], threshold=det.threshold, grid=det.grid,
               damage=det.damage, aois=aois, title=title)

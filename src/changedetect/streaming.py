@@ -606,23 +606,25 @@ class Detector:
             lo, hi, n_inside = np.inf, -np.inf, 0
             normalise = self._normaliser(norm)
 
-            def compute(s: Any) -> tuple[Any, np.ndarray]:
+            def compute(s: Any) -> Any:
                 bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
                 aft = normalise(aft, valid)
-                layers = change_mod.change_layers(
+                return change_mod.change_layers(
                     bef, aft, valid=valid, pixel_size=self.pixel_size, ssim_sigma_m=c.ssim_sigma_m,
                     smooth_m=c.smooth_m, difference_z=c.difference_z, vegetation_z=tuple(c.vegetation_z),
                     structure_weight=c.structure_weight, shadow_damping=c.shadow_damping,
                     statistics=stats, center=SSIM_CENTER,
                 )
-                sgrid = grid.window_grid(s.r0, region.c0, s.rows, region.width)
-                return layers, rasterize(geoms, sgrid, list(range(1, n_aoi + 1)))
 
             # Two strips are computed at once (OpenCV and numpy release the GIL), each
             # half the usual size so memory stays the same; results are taken in
-            # row order, so the files do not depend on it.
-            for s, (layers, aoi) in _ordered(compute, self._strips([(region.r0, region.r1)], cc1 - cc0, halo,
-                                                                    grid.height), self.workers):
+            # row order, so the files do not depend on it. Only numeric work runs in
+            # the threads (rasterio's rasterize uses warnings.catch_warnings, which
+            # is not thread-safe).
+            for s, layers in _ordered(compute, self._strips([(region.r0, region.r1)], cc1 - cc0, halo,
+                                                            grid.height), self.workers):
+                sgrid = grid.window_grid(s.r0, region.c0, s.rows, region.width)
+                aoi = rasterize(geoms, sgrid, list(range(1, n_aoi + 1)))
                 inner = (s.core, cols)
                 inside = (aoi > 0) & layers.valid[inner]
                 row = s.r0 - region.r0
