@@ -949,10 +949,19 @@ def _warp_field(
     # Below a tenth of a pixel the low-pass changes nothing worth its cost.
     sigma = (ratio - 1.0) / 2.0 if order > 0 and ratio > 1.2 else 0.0
 
+    # No-data pixels take the value of the nearest valid pixel: the spline
+    # coefficients of valid pixels near them then depend only on pixels nearby,
+    # not on the window (a window mean would make strips differ from one pass).
+    nearest = None
+    if not valid_src.all() and valid_src.any():
+        nearest = ndi.distance_transform_edt(~valid_src, return_distances=False, return_indices=True)
+
     def prefilter(band: np.ndarray) -> tuple[np.ndarray, int]:
-        b = band if valid_src.all() else np.where(
-            valid_src, band, float(band[valid_src].mean()) if valid_src.any() else 0.0
-        )
+        b = band
+        if nearest is not None:
+            b = band[nearest[0], nearest[1]]
+        elif not valid_src.all():
+            b = np.zeros_like(band)
         if sigma > 0:
             b = ndi.gaussian_filter(b, sigma)
         return _padded_coefficients(b, 2, order)
