@@ -49,9 +49,9 @@ importable (skipped otherwise; it is not a project dependency).
 Usage::
 
     python benchmarks/coregistration.py DATA_DIR [--out benchmarks/results] [--quick] [--no-arosics]
-        [--only {cases,joplin}]
+        [--only {cases,joplin,speed}]
 
-``--only`` runs one part (the known-answer cases, or the real Joplin pair) and
+``--only`` runs one part (the known-answer cases, the real Joplin pair, or the 4096² speed case) and
 writes ``coregistration_<part>.json`` / ``.md`` instead of the full results.
 
 DATA_DIR holds ``landsat-rgb-cc0/`` and ``joplin-2011/`` (default: $CHANGEDETECT_DATA).
@@ -545,9 +545,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-arosics", action="store_true")
-    ap.add_argument("--only", choices=("cases", "joplin"),
-                    help="run one part only (known-answer cases or the real Joplin pair); writes "
-                         "coregistration_<part>.json/.md")
+    ap.add_argument("--only", choices=("cases", "joplin", "speed"),
+                    help="run one part only (known-answer cases, the real Joplin pair, or the 4096² speed "
+                         "case); writes coregistration_<part>.json/.md")
     args = ap.parse_args()
     args.data_dir = args.data_opt or args.data_dir
     if not args.data_dir:
@@ -592,7 +592,7 @@ def main() -> None:
             real = joplin_real(data_dir, methods, tmp)
         if args.only is None:
             harem = harem_sample(methods, tmp)
-    speed = speed_test(use_arosics) if args.only is None else None
+    speed = speed_test(use_arosics) if args.only in (None, "speed") else None
     summary = summarise(results, methods) if results else {}
     payload = {"cases": results, "joplin_real": real, "harem": harem, "speed": speed, "summary": summary,
                "arosics": "installed" if use_arosics else "not importable: skipped"}
