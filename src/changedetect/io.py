@@ -232,7 +232,7 @@ class _BlockRows:
 class _BlockRowCache:
     """The :class:`_BlockRows` of the files read during a run, within a memory budget."""
 
-    def __init__(self, budget: int = 256 << 20, files: int = 4) -> None:
+    def __init__(self, budget: int = 128 << 20, files: int = 4) -> None:
         self.budget, self.files = budget, files
         self.entries: dict[tuple[Any, ...], _BlockRows | None] = {}
         self.lock = threading.RLock()

@@ -25,6 +25,7 @@ not depend on the strip size (tested against a single whole-scene strip).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import os
@@ -866,7 +867,8 @@ def _ordered(func: Callable[[Any], Any], items: Any, workers: int) -> Any:
         pending: deque = deque()
         try:
             for item in items:
-                pending.append((item, pool.submit(func, item)))
+                # in the caller's context (the run's block-row cache is a context variable)
+                pending.append((item, pool.submit(contextvars.copy_context().run, func, item)))
                 if len(pending) >= workers:
                     first, fut = pending.popleft()
                     yield first, fut.result()
