@@ -102,3 +102,137 @@ def test_gaussian_equals_scipy(mode, sigma):
 
     a = textured((97, 131)).astype(np.float32)
     np.testing.assert_allclose(gaussian(a, sigma, mode), ndi.gaussian_filter(a, sigma, mode=mode), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- texture/edge term
+def _stripes(shape=(64, 64), period=8, contrast=0.4):
+    cols = np.arange(shape[1])
+    row = 0.5 + 0.5 * contrast * np.sign(np.sin(2 * np.pi * cols / period))
+    return np.broadcast_to(row, shape).astype(np.float32).copy()
+
+
+def _rubble(shape=(64, 64), seed=0, contrast=0.4):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    blobs = ndi.gaussian_filter(rng.random(shape), 1.0)
+    blobs = (blobs - blobs.mean()) / blobs.std()
+    return (0.5 + 0.5 * contrast * np.clip(blobs, -1, 1)).astype(np.float32)
+
+
+def test_orientation_coherence_known_answers():
+    core = (slice(16, 48), slice(16, 48))
+    stripes = change.orientation_coherence(_stripes(), derivative_sigma=0.75, integration_sigma=2.0)
+    rubble = change.orientation_coherence(_rubble(), derivative_sigma=0.75, integration_sigma=2.0)
+    flat = change.orientation_coherence(np.full((64, 64), 0.5, np.float32), derivative_sigma=0.75,
+                                        integration_sigma=2.0)
+    assert stripes.dtype == np.float32
+    assert np.all((stripes >= 0) & (stripes < 1))
+    assert stripes[core].min() > 0.9  # one gradient direction: (l1 - 0) / (l1 + eps)
+    strong = change.orientation_coherence(_stripes(contrast=1.0), derivative_sigma=0.75, integration_sigma=2.0)
+    assert strong[core].min() > 0.98  # the more contrast, the less eps counts
+    assert rubble[core].mean() < 0.4  # gradients in every direction
+    assert_allclose(flat, 0.0)  # no gradient: not coherent
+    # a straight edge of too little contrast for SSIM's texture scale is not coherent either
+    faint = change.orientation_coherence(_stripes(contrast=0.01), derivative_sigma=0.75, integration_sigma=2.0)
+    assert faint[core].max() < 0.1
+
+
+def test_coherence_change_sign_reach_and_invalid():
+    before, after = _stripes(), _rubble()
+    kw = {"derivative_sigma": 0.75, "integration_sigma": 2.0}
+    drop = change.coherence_change(before, after, valid=np.ones(before.shape, bool), **kw)
+    assert drop[16:48, 16:48].mean() > 0.5  # straight edges broke up
+    gain = change.coherence_change(after, before, valid=np.ones(before.shape, bool), **kw)
+    assert gain[16:48, 16:48].mean() < -0.5
+    same = change.coherence_change(before, before, valid=np.ones(before.shape, bool), **kw)
+    assert_allclose(same, 0.0)
+    valid = np.ones(before.shape, bool)
+    valid[:, :8] = False
+    out = change.coherence_change(before, after, valid=valid, **kw)
+    reach = change.coherence_reach(0.75, 2.0)
+    assert np.isnan(out[:, : 8 + reach]).all()
+    assert np.isfinite(out[:, 8 + reach :]).all()
+    # the reach is honest: changing a pixel further away changes nothing
+    a2 = after.copy()
+    a2[:, 40] = 0.0
+    moved = change.coherence_change(before, a2, valid=np.ones(before.shape, bool), **kw)
+    far = np.abs(np.arange(64) - 40) > reach
+    np.testing.assert_array_equal(moved[:, far], drop[:, far])
+
+
+def test_coherence_weight_fuses_the_term_and_zero_leaves_the_score():
+    before = np.stack([_stripes((96, 96))] * 3)
+    after = before.copy()
+    after[:, 30:66, 30:66] = np.stack([_rubble((36, 36), seed=s) for s in (1, 2, 3)])
+    plain = change.change_layers(before, after, pixel_size=0.5)
+    off = change.change_layers(before, after, pixel_size=0.5, coherence_weight=0.0, coherence_layer=False)
+    on = change.change_layers(before, after, pixel_size=0.5, coherence_weight=1.0)
+    np.testing.assert_array_equal(plain.score, off.score)
+    assert np.nanmax(off.coherence_loss) == 0  # not computed
+    inside = (slice(36, 60), slice(36, 60))
+    assert np.nanmean(plain.coherence_loss[inside]) > 0.5  # layer written even at weight 0
+    assert np.nanmin(on.coherence_loss) >= 0
+    assert np.nanmax(on.coherence_loss) <= 1
+    # structure evidence 1 - (1 - s)(1 - c): never below the plain score, higher inside
+    assert np.all(on.score[np.isfinite(on.score)] >= plain.score[np.isfinite(plain.score)] - 1e-6)
+    assert np.nanmean(on.score[inside]) > np.nanmean(plain.score[inside])
+    assert set(plain.as_terms()) == {"difference_evidence", "structure_loss", "vegetation", "shadow_change",
+                                     "coherence_loss"}
+
+
+# --------------------------------------------------------------------------- moved shadows
+def test_shadow_ratio_known_answer():
+    values = np.concatenate([np.full(100, 0.1), np.full(300, 0.5), [np.nan]]).astype(np.float32)
+    assert change.shadow_ratio(values, 0.3) == pytest.approx(0.2)
+    assert change.shadow_ratio(values, 0.0) == 1.0  # no threshold
+    assert change.shadow_ratio(np.full(100, 0.5, np.float32), 0.3) == 1.0  # no shadow
+
+
+def _ground(shape=(80, 120), seed=3):
+    return np.clip(0.55 + 0.5 * (_rubble(shape, seed=seed, contrast=0.3) - 0.5), 0, 1)
+
+
+def test_relight_moved_shadows_relights_only_wide_real_shadows():
+    k = 0.3
+    ground = _ground()
+    before, after = ground.copy(), ground.copy()
+    before[10:70, 20:50] *= k  # the shadow of a wall on the first date...
+    after[10:70, 35:65] *= k  # ...has moved 15 px on the second
+    after[60:62, 90:92] *= k  # a 1 m dark fragment of rubble: too small to be a cast shadow
+    dark_roof = np.s_[20:40, 80:110]
+    before[dark_roof] = after[dark_roof] = 0.2  # a dark roof, below the threshold on both dates
+    after[dark_roof] = 0.17
+    valid = np.ones(ground.shape, bool)
+    lb, la, relit = change.relight_moved_shadows(before, after, valid=valid, thresholds=(0.3, 0.3),
+                                                 ratios=(k, k), min_width_px=4)
+    assert relit[12:68, 22:33].all()  # in shadow on the first date only
+    assert relit[12:68, 52:63].all()  # in shadow on the second date only
+    assert not relit[12:68, 37:48].any()  # in shadow on both dates: left as it is
+    assert not relit[60:62, 90:92].any()  # a fragment narrower than min_width
+    assert not relit[dark_roof].any()  # dark on both dates
+    assert_allclose(lb[12:68, 22:33], ground[12:68, 22:33], rtol=1e-5)  # relit: sunlit again
+    assert_allclose(la[12:68, 52:63], ground[12:68, 52:63], rtol=1e-5)
+    np.testing.assert_array_equal(la[60:62, 90:92], after[60:62, 90:92])
+    # the structure loss of the moved shadow's edges is gone after relighting
+    _, cs_plain = change.ssim_components(before, after, sigma=1.5)
+    _, cs_relit = change.ssim_components(lb, la, sigma=1.5)
+    band = np.s_[15:65, 18:24]  # around the first date's shadow edge
+    assert np.mean(1 - cs_plain[band]) > 0.3
+    assert np.mean(1 - cs_relit[band]) < 0.5 * np.mean(1 - cs_plain[band])
+
+
+def test_shadow_relight_lowers_a_moved_shadow_not_rubble():
+    k = 0.3
+    ground = np.stack([_ground()] * 3)
+    before, after = ground.copy(), ground.copy()
+    before[:, 10:70, 20:50] *= k
+    after[:, 10:70, 35:65] *= k
+    after[:, 20:60, 80:110] = np.stack([_rubble((40, 30), seed=s) for s in (5, 6, 7)])  # rubble
+    plain = change.change_layers(before, after, pixel_size=0.5)
+    relit = change.change_layers(before, after, pixel_size=0.5, shadow_relight=True)
+    edge = np.s_[15:65, 50:62]  # where the shadow moved in
+    rubble = np.s_[25:55, 85:105]
+    assert np.nanmean(relit.score[edge]) < 0.5 * np.nanmean(plain.score[edge])
+    assert np.nanmean(relit.score[rubble]) == pytest.approx(np.nanmean(plain.score[rubble]), abs=0.02)
+    np.testing.assert_array_equal(relit.ssim, plain.ssim)  # the SSIM layer is of the plain luminance

@@ -7,7 +7,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from changedetect import damage
-from changedetect.components import BitMask, StripLabeler, clean_mask_strips, refine_boundaries_strips
+from changedetect.components import (
+    BitMask, StripLabeler, clean_mask_strips, hysteresis_strips, refine_boundaries_strips,
+)
 
 
 def _blobs(seed: int, shape=(157, 93), density=0.45, sigma=1.6) -> np.ndarray:
@@ -75,3 +77,16 @@ def test_refine_boundaries_strips_equals_whole(rows):
     expected = damage.refine_boundaries(mask, score)
     got = refine_boundaries_strips(BitMask.from_array(mask), lambda a, b: score[a:b], strip_rows=rows)
     np.testing.assert_array_equal(got.get(0, mask.shape[0]), expected)
+
+
+@pytest.mark.parametrize("rows", [4, 33, 400])
+def test_hysteresis_strips_equals_whole(rows):
+    score = ndi.gaussian_filter(np.random.default_rng(4).random((190, 110)), 2.0).astype(np.float32)
+    score = (score - score.min()) / (score.max() - score.min())
+    score[::23] = np.nan
+    seeds = damage.clean_mask(np.nan_to_num(score) >= 0.7, pixel_size=0.5, open_radius_m=0, close_radius_m=0,
+                              min_area_m2=0, max_hole_m2=0)
+    expected = damage.hysteresis(seeds, score, 0.45)
+    assert expected.sum() > seeds.sum() > 0
+    got = hysteresis_strips(BitMask.from_array(seeds), lambda a, b: score[a:b], 0.45, strip_rows=rows)
+    np.testing.assert_array_equal(got.get(0, score.shape[0]), expected)

@@ -51,3 +51,25 @@ def test_bad_parameters():
         damage.clean_mask(np.zeros((4, 4), bool), pixel_size=0)
     with pytest.raises(ValueError, match="min_area_m2"):
         damage.clean_mask(np.zeros((4, 4), bool), pixel_size=1, min_area_m2=-1)
+
+
+def test_hysteresis_grows_seeds_into_connected_low_scores_only():
+    score = np.zeros((30, 40), np.float32)
+    score[5:15, 5:15] = 0.9  # an object above the threshold...
+    score[5:15, 15:25] = 0.3  # ...fading out next to it
+    score[20:25, 5:15] = 0.3  # as low, but not connected to any seed
+    score[5:15, 25:27] = 0.1  # below the low threshold
+    score[0, 0] = np.nan
+    seeds = score >= 0.5
+    grown = damage.hysteresis(seeds, score, 0.25)
+    expected = np.zeros_like(seeds)
+    expected[5:15, 5:25] = True
+    np.testing.assert_array_equal(grown, expected)
+    assert not damage.hysteresis(np.zeros_like(seeds), score, 0.25).any()
+    # diagonal contact is a connection (8-connectivity, as the objects)
+    score2 = np.zeros((10, 10), np.float32)
+    score2[2, 2] = 0.9
+    score2[3, 3] = 0.3
+    assert damage.hysteresis(score2 >= 0.5, score2, 0.25)[3, 3]
+    with pytest.raises(ValueError, match="same shape"):
+        damage.hysteresis(seeds, score[:5], 0.25)

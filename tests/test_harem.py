@@ -80,9 +80,18 @@ def test_accuracy_against_truth(harem_run):
     assert by_class["severe"]["found"] == by_class["severe"]["total"]
 
 
-def test_accuracy_target_f1_08(harem_run):
-    """With the sample's building footprints (pipelines/harem.toml): measured F1 0.817."""
-    assert _accuracy(harem_run)["f1"] >= 0.8
+def test_accuracy_target_f1_088(harem_run):
+    """With the sample's building footprints (pipelines/harem.toml): measured F1 0.897, recall 0.917.
+
+    Damaged buildings join the damage layer whole (damage.complete_buildings):
+    without it, F1 0.817 and recall 0.754, and only 1 of the 5 moderately
+    damaged buildings is found.
+    """
+    ev = _accuracy(harem_run)
+    assert ev["f1"] >= 0.88
+    assert ev["recall"] >= 0.88
+    by_class = ev["objects"]["by_class"]
+    assert by_class["moderate"]["found"] >= 4
 
 
 def test_without_footprints_ground_changes_stay_in_the_damage_layer(tmp_path):

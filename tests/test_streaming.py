@@ -74,6 +74,30 @@ def test_strips_give_the_same_outputs_as_one_pass(big_pair, tmp_path, monkeypatc
     assert whole.summary["polygon_count"] >= len(CHANGES)
 
 
+def _footprints_file(before: Path, path: Path, boxes) -> Path:
+    import geopandas as gpd
+
+    gpd.GeoDataFrame({"name": [f"b{i}" for i in range(len(boxes))]},
+                     geometry=[_footprint(before, *b) for b in boxes], crs="EPSG:32637").to_file(path)
+    return path
+
+
+def test_strips_give_the_same_outputs_with_every_option(big_pair, tmp_path):
+    """Shadow relighting, the coherence term, hysteresis and footprint completion are strip-invariant too."""
+    before, after = big_pair
+    # the second planted change covers 40 % of a wider building; another building is untouched
+    fp = _footprints_file(before, tmp_path / "fp.geojson", [(150, 200, 30, 100), CHANGES[0], (20, 250, 30, 40)])
+    config = _config(before, after, inputs={"before": str(before), "after": str(after), "buildings": str(fp)},
+                     change={"shadow_relight": True, "coherence_weight": 0.5},
+                     damage={"hysteresis": 0.6}, output={"write_layers": True})
+    whole = run(config, outdir=tmp_path / "whole", strip_pixels=1 << 26)
+    tiled = run(config, outdir=tmp_path / "tiled", strip_pixels=60 * 340)
+    for name in ("difference.tif", "ssim.tif", "score.tif", "coherence_loss.tif", "structure_loss.tif"):
+        np.testing.assert_array_equal(_read(whole.outdir / name), _read(tiled.outdir / name), err_msg=name)
+    for name in ("damage.geojson", "buildings.geojson", "ground_changes.geojson", "summary.json"):
+        assert (whole.outdir / name).read_bytes() == (tiled.outdir / name).read_bytes(), name
+
+
 def test_polygons_crossing_strip_borders_are_joined(big_pair, tmp_path):
     import geopandas as gpd
 
@@ -98,7 +122,7 @@ def test_polygons_crossing_strip_borders_are_joined(big_pair, tmp_path):
 def test_write_layers_writes_every_term(big_pair, tmp_path):
     before, after = big_pair
     res = run(_config(before, after, output={"write_layers": True}), outdir=tmp_path / "out")
-    for name in ("structure_loss", "difference_evidence", "vegetation", "shadow_change"):
+    for name in ("structure_loss", "difference_evidence", "vegetation", "shadow_change", "coherence_loss"):
         layer = _read(res.outdir / f"{name}.tif")[0]
         assert np.nanmin(layer) >= 0 and np.nanmax(layer) <= 1, name
     plain = run(_config(before, after), outdir=tmp_path / "plain")
@@ -198,3 +222,28 @@ def test_changes_off_the_footprints_go_to_ground_changes(big_pair, tmp_path):
     assert (ground["building_share"] < 0.3).all() and (damage["building_share"] >= 0.3).all()
     assert res.summary["ground_change_count"] == len(ground)
     assert (res.outdir / "ground_changes.qml").is_file()
+
+
+def test_a_damaged_building_joins_the_damage_layer_whole(big_pair, tmp_path):
+    """With footprints, a building graded moderate or worse that a damage object reaches is damage as a whole."""
+    import geopandas as gpd
+
+    before, after = big_pair
+    wide = (150, 200, 30, 100)  # the second planted change (30 x 40 px) covers 40 % of it
+    fp = _footprints_file(before, tmp_path / "fp.geojson", [wide, (20, 250, 30, 40)])
+    inputs = {"before": str(before), "after": str(after), "buildings": str(fp)}
+    res = run(_config(before, after, inputs=inputs), outdir=tmp_path / "on")
+    off = run(_config(before, after, inputs=inputs, damage={"complete_buildings": False}), outdir=tmp_path / "off")
+    footprint = _footprint(before, *wide)
+    damage = gpd.read_file(res.outdir / "damage.geojson").to_crs("EPSG:32637").union_all()
+    damage_off = gpd.read_file(off.outdir / "damage.geojson").to_crs("EPSG:32637").union_all()
+    assert footprint.difference(damage).area < 1.0  # the whole 15 x 50 m footprint, to a pixel edge
+    assert footprint.intersection(damage_off).area < 0.6 * footprint.area  # only the planted change
+    untouched = _footprint(before, 20, 250, 30, 40)
+    assert damage.intersection(untouched).area == 0
+    graded = gpd.read_file(res.outdir / "buildings.geojson")
+    # graded from what was detected (40 % lost: severe), not from the completed footprint
+    assert graded["grade"].tolist() == ["severe", "no damage"]
+    assert graded["whole_footprint"].tolist() == [True, False]
+    assert res.summary["buildings"]["whole_footprints_in_damage"] == 1
+    assert "whole_footprint" not in gpd.read_file(off.outdir / "buildings.geojson").columns

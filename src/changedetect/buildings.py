@@ -25,7 +25,8 @@ from scipy.special import erf
 from .types import SEVERITIES
 
 __all__ = [
-    "GRADES", "GRADE_THRESHOLDS", "NO_DAMAGE", "NOT_ASSESSED", "STRONG_LOSS", "VALUE_SCALE",
+    "COMPLETION_SHARE", "GRADES", "GRADE_THRESHOLDS", "MIN_ANALYSED_FRACTION", "NO_DAMAGE", "NOT_ASSESSED",
+    "STRONG_LOSS", "VALUE_SCALE",
     "BuildingAccumulator", "grade_building", "grade_confidence",
 ]
 
@@ -58,6 +59,15 @@ GRADE_THRESHOLDS: tuple[tuple[str, float], ...] = (
     (SEVERITIES[2], 0.1),
     (SEVERITIES[3], 0.03),
 )
+
+#: Lost share from which a building a damage object reaches is damage as a whole
+#: (``damage.complete_buildings``, :meth:`changedetect.streaming.Detector._objects`):
+#: the lowest lost share of a moderately damaged building in :data:`GRADE_THRESHOLDS`.
+COMPLETION_SHARE = GRADE_THRESHOLDS[2][1]
+
+#: Buildings with a smaller share of their footprint analysed are "not assessed"
+#: (the default of :meth:`BuildingAccumulator.assess`).
+MIN_ANALYSED_FRACTION = 0.5
 
 #: Structure loss at or above which a pixel counts as "strong structure loss".
 STRONG_LOSS = 0.5
@@ -271,7 +281,7 @@ class BuildingAccumulator:
         self.score_sum += _fixed_point_sums(flat, score_a, analysed, 0.0, n)[1:]
 
     def assess(
-        self, *, pixel_size: float, reliability: float = 1.0, min_analysed_fraction: float = 0.5
+        self, *, pixel_size: float, reliability: float = 1.0, min_analysed_fraction: float = MIN_ANALYSED_FRACTION
     ) -> list[dict]:
         """Grade every building from the pixels added so far.
 

@@ -24,7 +24,9 @@ from scipy import ndimage as ndi
 
 from .tiling import strips
 
-__all__ = ["BitMask", "StripLabeler", "Components", "clean_mask_strips", "refine_boundaries_strips"]
+__all__ = [
+    "BitMask", "StripLabeler", "Components", "clean_mask_strips", "hysteresis_strips", "refine_boundaries_strips",
+]
 
 _STRUCTURES = {4: ndi.generate_binary_structure(2, 1), 8: np.ones((3, 3), bool)}
 
@@ -333,4 +335,38 @@ def refine_boundaries_strips(
         sc = score(s.r0, s.r1)
         sc = np.where(np.isfinite(sc), sc, 0)
         out.set(s.r0, (labels > 0) & (sc >= cut[labels]))
+    return out
+
+
+def hysteresis_strips(
+    seeds: BitMask,
+    score: Callable[[int, int], np.ndarray],
+    low: float,
+    *,
+    strip_rows: int = 1024,
+) -> BitMask:
+    """:func:`changedetect.damage.hysteresis`, strip by strip; returns a new BitMask.
+
+    The 8-connected regions of ``score >= low`` that hold a pixel of ``seeds``
+    are added to ``seeds``; ``score(r0, r1)`` returns the score of rows ``[r0, r1)``.
+    """
+    h, w = seeds.shape
+    out = BitMask(h, w)
+    if not seeds.any():
+        return out
+
+    def low_mask(r0: int, r1: int) -> np.ndarray:
+        sc = score(r0, r1)
+        return np.where(np.isfinite(sc), sc, -np.inf) >= low
+
+    labeler = StripLabeler(h, w, connectivity=8)
+    parts = strips(0, h, size=strip_rows, halo=0)
+    for s in parts:
+        labeler.add(low_mask(s.r0, s.r1), sums={"seed": seeds.get(s.r0, s.r1)})
+    comps = labeler.finish()
+    keep = comps.sums["seed"] > 0
+    keep[0] = False
+    for i, s in enumerate(parts):
+        lab = labeler.labels(i, low_mask(s.r0, s.r1))
+        out.set(s.r0, seeds.get(s.r0, s.r1) | keep[lab])
     return out

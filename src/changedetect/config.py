@@ -65,7 +65,7 @@ class Output(_Strict):
 
     dir: Path | None = None
     #: Also write each term of the change score as a COG (structure_loss,
-    #: difference_evidence, vegetation, shadow_change), to explain the fusion.
+    #: difference_evidence, vegetation, shadow_change, coherence_loss), to explain the fusion.
     write_layers: bool = False
 
 
@@ -98,6 +98,14 @@ class Change(_Strict):
     vegetation_z: tuple[float, float] = (2.5, 5.0)
     structure_weight: float = Field(0.75, ge=0, le=1)
     shadow_damping: float = Field(0.0, ge=0, le=1)
+    shadow_relight: bool = Field(
+        default=False, description="Also compare local patterns with the cast shadows that moved between the dates relit."
+    )
+    shadow_min_width_m: float = Field(default=2.0, ge=0, description="Narrowest dark region taken as a cast shadow, m.")
+    coherence_weight: float = Field(
+        default=0.0, ge=0, le=1,
+        description="How much the loss of gradient orientation coherence counts as structure evidence (0: off).",
+    )
 
 
 class Damage(_Strict):
@@ -111,6 +119,15 @@ class Damage(_Strict):
     max_hole_m2: float = Field(10.0, ge=0)
     site_radius_m: float = Field(25.0, gt=0)
     refine_boundaries: bool = True
+    complete_buildings: bool = Field(
+        default=True,
+        description="With footprints: a building graded moderate or worse (lost share >= 10 %) on which a damage "
+                    "object lies joins the damage layer with its whole footprint.",
+    )
+    hysteresis: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Grow each object into connected pixels scoring at least this fraction of the threshold (1: off).",
+    )
 
     @field_validator("threshold")
     @classmethod

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from .types import SEVERITIES
 
 __all__ = [
-    "DamageObject", "clean_local", "clean_mask", "damage_objects", "grade", "local_reach_px",
+    "DamageObject", "clean_local", "clean_mask", "damage_objects", "grade", "hysteresis", "local_reach_px",
     "objects_from_stats", "refine_boundaries",
 ]
 
@@ -151,6 +151,32 @@ def refine_boundaries(
     )
     cut = np.concatenate([[np.inf], fraction * plateau])
     return (labels > 0) & (sc >= cut[labels])
+
+
+def hysteresis(seeds: np.ndarray, score: np.ndarray, low: float) -> np.ndarray:
+    """Hysteresis thresholding: grow ``seeds`` into the connected pixels scoring at least ``low``.
+
+    The seeds are the objects found at the (high) threshold. A change that
+    fades out, such as debris thinning away from a collapsed building or a
+    partly damaged roof, has scores that decline from the seed; the pixels
+    connected to it (8-connectivity) down to ``low`` belong to the same
+    object, while isolated pixels between ``low`` and the threshold (noise,
+    clutter) are not taken (Canny 1986, who recommends a low threshold of a
+    half to a third of the high one).
+
+    Returns a new bool array (a superset of ``seeds``).
+    """
+    if seeds.shape != score.shape:
+        raise ValueError("seeds and score must have the same shape")
+    seeds = seeds.astype(bool, copy=False)
+    grow = np.where(np.isfinite(score), score, -np.inf) >= low
+    labels, n = ndi.label(grow, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return seeds.copy()
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(labels[seeds & grow])] = True
+    keep[0] = False
+    return seeds | keep[labels]
 
 
 def grade(structure_loss_fraction: float) -> str:

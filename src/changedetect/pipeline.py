@@ -133,7 +133,10 @@ def _building_summary(buildings: Any) -> dict[str, Any]:
     from .buildings import GRADES
 
     counts = buildings["grade"].value_counts()
-    return {"count": len(buildings), "by_grade": {g: int(counts.get(g, 0)) for g in GRADES}}
+    out = {"count": len(buildings), "by_grade": {g: int(counts.get(g, 0)) for g in GRADES}}
+    if "whole_footprint" in buildings.columns:
+        out["whole_footprints_in_damage"] = int(buildings["whole_footprint"].sum())
+    return out
 
 
 def _rasterize(geoms: list, grid: Grid, values: list[int] | None = None) -> np.ndarray:
@@ -257,7 +260,7 @@ def run(
 
     ``write_layers`` also writes each term of the change score as a COG
     (``structure_loss``, ``difference_evidence``, ``vegetation``,
-    ``shadow_change``). ``strip_pixels`` sizes the strips the scene is processed
+    ``shadow_change``, ``coherence_loss``). ``strip_pixels`` sizes the strips the scene is processed
     in (memory grows with it; the outputs do not depend on it). ``progress``,
     if given, is called as ``progress(stage, rows_done, rows_total)`` during the
     long steps.

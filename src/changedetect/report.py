@@ -882,6 +882,14 @@ def _section_method(data: ReportData, threshold: float | None) -> str:
                   "local structure. Both are needed, so a shadow that moved or a roof that changed colour scores low. "
                   "The score is damped where either image shows green vegetation, whose texture changes with the "
                   "season.")
+    coherence = float(ch.get("coherence_weight") or 0.0)
+    if coherence > 0:
+        score_text += (f" A third cue counts as loss of structure too ({coherence:.0%} of it): straight edges of "
+                       "roofs, walls and kerbs broken into fragments pointing every way (loss of orientation "
+                       "coherence).")
+    if ch.get("shadow_relight"):
+        score_text += (" Cast shadows that moved with the sun between the dates are relit before the local "
+                       "patterns are compared, so that a moved shadow does not count as lost structure.")
     damping = float(ch.get("shadow_damping") or 0.0)
     if damping > 0:
         score_text += (f" Where a pixel lies in cast shadow on only one date (the sun moved), {damping:.0%} of its "
@@ -902,8 +910,14 @@ def _section_method(data: ReportData, threshold: float | None) -> str:
         ("Clean-up.", f"Specks and thin lines are removed (opening of {_fmt(dm.get('open_radius_m'), 1)} m), nearby "
          f"fragments joined ({_fmt(dm.get('close_radius_m'), 1)} m), holes under {_fmt(dm.get('max_hole_m2'), 0)} m² filled "
          f"and objects under {_fmt(dm.get('min_area_m2'), 0)} m² dropped"
-         + ("; each object's outline is then moved to where its own score falls to half its peak."
-            if dm.get("refine_boundaries", True) else ".")),
+         + ("; each object's outline is then moved to where its own score falls to half its peak"
+            if dm.get("refine_boundaries", True) else "")
+         + (f"; each object is then grown into the connected pixels scoring at least "
+            f"{float(dm.get('hysteresis', 1.0)):.0%} of the threshold." if float(dm.get("hysteresis", 1.0)) < 1
+            else ".")
+         + (" With building footprints, a building graded moderately damaged or worse on which a damage polygon "
+            "lies joins the damage layer with its whole footprint: damage is assessed building by building."
+            if data.summary.get("buildings") and dm.get("complete_buildings", True) else "")),
         ("Grading.", "Each polygon gets a UNOSAT-like severity from the share of its area with strong structure loss, and "
          "a confidence from its score margin, its structure loss and the alignment's reliability."),
     ]

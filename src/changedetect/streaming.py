@@ -41,7 +41,7 @@ from . import io
 from . import change as change_mod
 from . import coregister as coreg
 from . import damage as damage_mod
-from .components import BitMask, StripLabeler, clean_mask_strips, refine_boundaries_strips
+from .components import BitMask, StripLabeler, clean_mask_strips, hysteresis_strips, refine_boundaries_strips
 from .errors import CoregistrationWarning, DataError, NoOverlapError
 from .grid import Grid
 from .tiling import STRIP_PIXELS, block_mean, rows_per_strip, sample_bands, strips
@@ -586,7 +586,8 @@ class Detector:
         out_grid = grid.window_grid(region.r0, region.c0, region.height, region.width)
         norm, fit = self.fit_radiometry()
         stats = self.statistics(region, norm)
-        halo = change_mod.change_halo(self.pixel_size, ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m)
+        halo = change_mod.change_halo(self.pixel_size, ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m,
+                                      shadow_min_width_m=c.shadow_min_width_m if c.shadow_relight else 0.0)
         cc0, cc1 = max(0, region.c0 - halo), min(grid.width, region.c1 + halo)
         cols = slice(region.c0 - cc0, region.c1 - cc0)
         geoms = list(aois.geometry)
@@ -598,7 +599,8 @@ class Detector:
             "score": "change score 0-1",
         }
         # structure_loss is needed for the objects' statistics; the other terms only when asked for
-        terms = ["structure_loss"] + (["difference_evidence", "vegetation", "shadow_change"] if write_layers else [])
+        terms = ["structure_loss"] + (
+            ["difference_evidence", "vegetation", "shadow_change", "coherence_loss"] if write_layers else [])
         writers: dict[str, io.StripWriter] = {}
         for name in [*names, *terms]:
             writers[name] = io.StripWriter(staging(f"{name}.tif"), out_grid, count=1, dtype="float32", nodata=nan)
@@ -614,6 +616,8 @@ class Detector:
                     bef, aft, valid=valid, pixel_size=self.pixel_size, ssim_sigma_m=c.ssim_sigma_m,
                     smooth_m=c.smooth_m, difference_z=c.difference_z, vegetation_z=tuple(c.vegetation_z),
                     structure_weight=c.structure_weight, shadow_damping=c.shadow_damping,
+                    shadow_relight=c.shadow_relight, shadow_min_width_m=c.shadow_min_width_m,
+                    coherence_weight=c.coherence_weight, coherence_layer=write_layers,
                     statistics=stats, center=SSIM_CENTER,
                 )
 
@@ -633,6 +637,7 @@ class Detector:
                     "difference": layers.difference, "ssim": layers.ssim, "score": layers.score,
                     "structure_loss": layers.structure_loss, "difference_evidence": layers.difference_evidence,
                     "vegetation": layers.vegetation, "shadow_change": layers.shadow_change,
+                    "coherence_loss": layers.coherence_loss,
                 }
                 for name, writer in writers.items():
                     writer.write(row, np.where(inside, values[name][inner], np.float32(nan)).astype(np.float32))
@@ -722,6 +727,8 @@ class Detector:
         if d.refine_boundaries:
             m = refine_boundaries_strips(m, score_rows, strip_rows=rows)
             m = clean(m)
+        if d.hysteresis < 1.0:
+            m = clean(hysteresis_strips(m, score_rows, d.hysteresis * threshold, strip_rows=rows))
         return m
 
     def _objects(self, mask: BitMask, writers, region: Region, out_grid: Grid, geoms: list, aois: Any,
@@ -745,13 +752,18 @@ class Detector:
 
             acc = BuildingAccumulator(len(buildings))
             footprint_geoms = list(buildings.geometry)
+        detected, whole = mask, None
+        if acc is not None and self.config.damage.complete_buildings:
+            mask, whole = self._complete_buildings(mask, readers["score"], readers["structure_loss"],
+                                                   footprint_geoms, out_grid, rows)
         for a, b in parts:
             m = mask.get(a, b)
             sc, ss, df, sl = (readers[k](a, b) for k in ("score", "ssim", "difference", "structure_loss"))
             if acc is not None:
                 ids = rasterize(footprint_geoms, out_grid.window_grid(a, 0, b - a, w),
                                 list(range(1, len(footprint_geoms) + 1)))
-                acc.add(ids, damage=m, score=sc, ssim=ss, structure_loss=sl)
+                # buildings are graded from what was detected, before any footprint was completed
+                acc.add(ids, damage=detected.get(a, b), score=sc, ssim=ss, structure_loss=sl)
             sums = {"score": sc, "ssim": ss, "difference": df,
                     "loss": (np.nan_to_num(sl) >= 0.5).astype(np.float64)}
             if acc is not None:
@@ -818,20 +830,81 @@ class Detector:
             ground = frame([r for r in records if r["building_share"] < MIN_BUILDING_SHARE])
             records = [r for r in records if r["building_share"] >= MIN_BUILDING_SHARE]
         damage = frame(records)
-        graded = None
-        if acc is not None:
-            reliability = 1.0 if self._reliable in (True, None) else 0.5
-            rows_out = acc.assess(pixel_size=self.pixel_size, reliability=reliability)
-            import pandas as pd
-
-            table = pd.DataFrame(rows_out)
-            # where each footprint came from: its row in the input file, and its name if any
-            keep = [c for c in ("source_index", "name") if c in buildings.columns]
-            graded = gpd.GeoDataFrame(
-                pd.concat([buildings[keep].reset_index(drop=True), table], axis=1),
-                geometry=list(buildings.geometry), crs=self.grid.crs,
-            )
+        graded = None if acc is None else self._graded(acc, buildings, whole)
         return damage, graded, ground
+
+    def _graded(self, acc: Any, buildings: Any, whole: np.ndarray | None) -> Any:
+        """The graded buildings table (:meth:`changedetect.buildings.BuildingAccumulator.assess`)."""
+        import geopandas as gpd
+        import pandas as pd
+
+        reliability = 1.0 if self._reliable in (True, None) else 0.5
+        table = pd.DataFrame(acc.assess(pixel_size=self.pixel_size, reliability=reliability))
+        if whole is not None:
+            # footprints added whole to the damage layer (damage.complete_buildings)
+            table["whole_footprint"] = whole[1:]
+        # where each footprint came from: its row in the input file, and its name if any
+        keep = [c for c in ("source_index", "name") if c in buildings.columns]
+        return gpd.GeoDataFrame(
+            pd.concat([buildings[keep].reset_index(drop=True), table], axis=1),
+            geometry=list(buildings.geometry), crs=self.grid.crs,
+        )
+
+    def _complete_buildings(self, mask: BitMask, score_rows, loss_rows, geoms: list, out_grid: Grid,
+                            rows: int) -> tuple[BitMask, np.ndarray]:
+        """The mask with the whole footprint of every damaged building a damage object reaches.
+
+        Damage to buildings is assessed building by building (UNOSAT): a building
+        whose lost share (as :meth:`changedetect.buildings.BuildingAccumulator.assess`
+        grades it: the larger of the shares of its analysed footprint inside
+        damage objects and with strong structure loss) is at least
+        :data:`changedetect.buildings.COMPLETION_SHARE` (moderate or worse) is
+        damaged as a whole. When a damage object (one at least
+        :data:`MIN_BUILDING_SHARE` on footprints, as in the damage layer) lies on
+        such a building, its whole analysed footprint is added to the mask: a
+        roof with holes, soot and debris over part of it is one damaged
+        building, not a few specks on an intact roof. Requiring a damage object
+        keeps a grade made only of scattered strong-loss pixels (a moved shadow,
+        noise) from adding a footprint; ground changes (objects mostly off the
+        footprints) complete nothing; buildings too little of which is analysed
+        to be graded (``not assessed``) are left as they are.
+
+        Returns the new mask and, per footprint (index 0 unused), whether it was
+        added whole.
+        """
+        from .buildings import COMPLETION_SHARE, MIN_ANALYSED_FRACTION, STRONG_LOSS
+
+        h, w = mask.shape
+        parts = _chunks(h, rows)
+        n = len(geoms)
+        values = list(range(1, n + 1))
+
+        def ids_of(a: int, b: int) -> np.ndarray:
+            return rasterize(geoms, out_grid.window_grid(a, 0, b - a, w), values)
+
+        labeler = StripLabeler(h, w, connectivity=8)
+        for a, b in parts:
+            labeler.add(mask.get(a, b), sums={"on_building": (ids_of(a, b) > 0).astype(np.float64)})
+        comps = labeler.finish()
+        is_damage = comps.sums["on_building"] >= MIN_BUILDING_SHARE * comps.counts
+        is_damage[0] = False
+        footprint, analysed, damaged, strong = (np.zeros(n + 1, np.int64) for _ in range(4))
+        for i, (a, b) in enumerate(parts):
+            ids, ok = ids_of(a, b), np.isfinite(score_rows(a, b))
+            in_damage = is_damage[labeler.labels(i, mask.get(a, b))] & ok
+            footprint += np.bincount(ids.ravel(), minlength=n + 1)
+            analysed += np.bincount(ids[ok], minlength=n + 1)
+            damaged += np.bincount(ids[in_damage], minlength=n + 1)
+            strong += np.bincount(ids[ok & (np.nan_to_num(loss_rows(a, b)) >= STRONG_LOSS)], minlength=n + 1)
+        lost = np.maximum(damaged, strong)
+        assessed = (analysed > 0) & (analysed >= MIN_ANALYSED_FRACTION * footprint)
+        complete = assessed & (damaged > 0) & (lost >= COMPLETION_SHARE * analysed)
+        complete[0] = False
+        out = BitMask(h, w)
+        for a, b in parts:
+            ids, ok = ids_of(a, b), np.isfinite(score_rows(a, b))
+            out.set(a, mask.get(a, b) | (complete[ids] & ok))
+        return out, complete
 
     #: set by the pipeline: the co-registration verdict and position uncertainty
     _reliable: bool | None = True

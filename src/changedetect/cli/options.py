@@ -14,7 +14,7 @@ overwrite_opt = click.option(
 layers_opt = click.option(
     "--write-layers", is_flag=True, default=False,
     help="Also write each term of the change score (structure_loss, difference_evidence, vegetation, "
-         "shadow_change) as a COG, to show how the score was made.",
+         "shadow_change, coherence_loss) as a COG, to show how the score was made.",
 )
 
 
