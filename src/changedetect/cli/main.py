@@ -15,6 +15,26 @@ from ..errors import ChangeDetectError
 log = logging.getLogger("changedetect")
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (Linux; unless ``MALLOC_ARENA_MAX`` is set).
+
+    glibc gives threads their own arenas (up to 8 per core) and keeps the
+    memory freed in them; with two strip workers this added about 230 MiB to
+    the peak RSS of an 8192² ``detect`` (1029 against 800 MiB with two
+    arenas, in the same time). Call before any worker thread starts.
+    """
+    import os
+
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(arenas))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def configure_logging(verbosity: int) -> None:
     """WARNING by default; -v INFO, -vv DEBUG; -q ERROR only."""
     level = max(10, 30 - 10 * verbosity)
@@ -90,6 +110,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
       changedetect evaluate out/harem/damage.geojson imagery/harem/truth.geojson
     """
     ctx.ensure_object(dict)
+    limit_malloc_arenas()
     ctx.obj["verbosity"] = verbose - quiet
     configure_logging(verbose - quiet)
     warnings.showwarning = _showwarning
