@@ -194,3 +194,14 @@ def test_verify_not_an_output_folder(runner, tmp_path):
     res = runner.invoke(cli, ["verify", str(tmp_path)])
     assert res.exit_code == 1
     assert "manifest not found" in res.stderr
+
+
+def test_limit_malloc_arenas_is_safe_to_call(monkeypatch):
+    """The arena cap is a no-op off glibc or when the user set MALLOC_ARENA_MAX, and never raises."""
+    from changedetect.cli.main import limit_malloc_arenas
+
+    limit_malloc_arenas()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    limit_malloc_arenas()
+    monkeypatch.setattr("sys.platform", "darwin")
+    limit_malloc_arenas()
