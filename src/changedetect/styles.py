@@ -420,18 +420,25 @@ def gray_style(value_range: tuple[float, float], *, band: int = 1, alpha_band: i
 
 
 # --------------------------------------------------------------------------- vectors
-def damage_style() -> LayerStyle:
-    """Damage polygons categorized by ``severity``, labelled with severity and confidence."""
+def _categorized_renderer(attr: str, classes: list[tuple[str, str, str, str]], *, fill_alpha: int,
+                          width: float) -> ET.Element:
+    """A categorizedSymbol renderer on ``attr``: one fill per ``(value, label, fill, outline)``."""
     categories = _el("categories")
     symbols = _el("symbols")
-    for i, sev in enumerate(SEVERITY_COLOURS):
-        categories.append(_el("category", {"value": sev, "label": SEVERITY_LABELS[sev], "symbol": str(i), "render": "true"}))
-        symbols.append(_symbol("fill", str(i), [_simple_fill(SEVERITY_COLOURS[sev], SEVERITY_OUTLINES[sev], fill_alpha=140, width=0.5)]))
-    renderer = _el(
-        "renderer-v2", {"type": "categorizedSymbol", "attr": "severity", "forceraster": "0", "symbollevels": "0",
+    for i, (value, label, fill, outline) in enumerate(classes):
+        categories.append(_el("category", {"value": value, "label": label, "symbol": str(i), "render": "true"}))
+        symbols.append(_symbol("fill", str(i), [_simple_fill(fill, outline, fill_alpha=fill_alpha, width=width)]))
+    return _el(
+        "renderer-v2", {"type": "categorizedSymbol", "attr": attr, "forceraster": "0", "symbollevels": "0",
                         "enableorderby": "0", "referencescale": "-1"},
         categories, symbols,
     )
+
+
+def damage_style() -> LayerStyle:
+    """Damage polygons categorized by ``severity``, labelled with severity and confidence."""
+    classes = [(sev, SEVERITY_LABELS[sev], SEVERITY_COLOURS[sev], SEVERITY_OUTLINES[sev]) for sev in SEVERITY_COLOURS]
+    renderer = _categorized_renderer("severity", classes, fill_alpha=140, width=0.5)
     label = "concat(\"severity\", ' ', format_number(\"confidence\", 2))"
     return _vector_style(renderer, _labeling(label, size=7.5, colour="#3a0000", placement="1", priority=4))
 
@@ -445,22 +452,14 @@ BUILDING_EXTRA = {
 
 def buildings_style() -> LayerStyle:
     """Building footprints categorized by ``grade``, labelled with grade and confidence."""
-    categories = _el("categories")
-    symbols = _el("symbols")
-    grades = [(g, SEVERITY_COLOURS[g], SEVERITY_OUTLINES[g], SEVERITY_LABELS[g]) for g in SEVERITY_COLOURS]
-    grades += [(g, f, o, label) for g, (f, o, label) in BUILDING_EXTRA.items()]
-    for i, (grade, fill, outline, label) in enumerate(grades):
-        categories.append(_el("category", {"value": grade, "label": label, "symbol": str(i), "render": "true"}))
-        symbols.append(_symbol("fill", str(i), [_simple_fill(fill, outline, fill_alpha=170, width=0.4)]))
-    renderer = _el(
-        "renderer-v2", {"type": "categorizedSymbol", "attr": "grade", "forceraster": "0", "symbollevels": "0",
-                        "enableorderby": "0", "referencescale": "-1"},
-        categories, symbols,
-    )
+    classes = [(g, SEVERITY_LABELS[g], SEVERITY_COLOURS[g], SEVERITY_OUTLINES[g]) for g in SEVERITY_COLOURS]
+    classes += [(g, label, f, o) for g, (f, o, label) in BUILDING_EXTRA.items()]
+    renderer = _categorized_renderer("grade", classes, fill_alpha=170, width=0.4)
     label = "concat(\"grade\", ' ', format_number(\"confidence\", 2))"
     return _vector_style(renderer, _labeling(label, size=6.5, colour="#1a1a1a", placement="1", priority=2))
 
 
+#: Changes off the building footprints (ground_changes.geojson).
 GROUND_COLOUR = "#7b3294"
 
 
