@@ -150,3 +150,82 @@ def test_block_row_reads_equal_direct_reads(tmp_path, dtype, nodata, tiled):
         np.testing.assert_array_equal(dv, cv)
         np.testing.assert_array_equal(d, c)  # NaN where NaN
     assert io._BLOCK_ROWS.get() is None
+
+
+def _plain_cog(tmp_path, arr, grid, valid=None, name="ref.tif"):
+    """The COG GDAL's driver makes from a plain tiled GeoTIFF (no overviews) of ``arr``."""
+    import rasterio.shutil
+
+    src, out = tmp_path / f"src_{name}", tmp_path / name
+    profile = {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": arr.shape[0],
+               "dtype": arr.dtype, "crs": grid.crs, "transform": grid.transform, "tiled": True,
+               "blockxsize": 256, "blockysize": 256,
+               "nodata": float("nan") if arr.dtype.kind == "f" else None}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.open(src, "w", **profile) as dst:
+            dst.write(arr)
+            if valid is not None:
+                dst.write_mask(np.where(valid, 255, 0).astype(np.uint8))
+        predictor = 3 if arr.dtype.kind == "f" else 2
+        rasterio.shutil.copy(src, out, driver="COG", predictor=predictor, **io.COG_OPTIONS)
+    return out
+
+
+@pytest.mark.parametrize("width, height", [(1024, 768), (1000, 600), (513, 200), (300, 2049), (256, 256)])
+def test_cog_overview_factors_are_the_cog_drivers(tmp_path, width, height):
+    grid = Grid("EPSG:32637", rasterio.Affine(0.5, 0, 0, 0, -0.5, 0), width, height)
+    ref = _plain_cog(tmp_path, np.zeros((1, height, width), np.float32), grid)
+    with rasterio.open(ref) as src:
+        assert io.cog_overview_factors(width, height, io.COG_OPTIONS["blocksize"]) == src.overviews(1)
+
+
+@pytest.mark.parametrize("kind", ["float32", "uint8_masked"])
+def test_strip_writer_makes_the_cog_drivers_file(tmp_path, kind):
+    """Strips of any height, held back to whole tile rows, with overviews built on them:
+    byte for byte the COG GDAL's driver makes of the whole array (sides divisible by
+    the largest overview factor); in a background thread too, with the strips
+    readable until the COG is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    h, w = 768, 1024
+    grid = Grid("EPSG:32637", rasterio.Affine(0.5, 0, 0, 0, -0.5, 0), w, h)
+    if kind == "float32":
+        arr = rng.random((1, h, w), dtype=np.float32)
+        arr[0, :40, 100:300] = np.nan
+        valid, opts = None, {"count": 1, "dtype": "float32", "nodata": float("nan")}
+    else:
+        arr = (rng.random((3, h, w)) * 255).astype(np.uint8)
+        valid = np.ones((h, w), bool)
+        valid[300:420, :77] = False
+        opts = {"count": 3, "dtype": "uint8", "mask": True}
+    ref = _plain_cog(tmp_path, arr, grid, valid)
+
+    def write(path, background=None):
+        writer = io.StripWriter(path, grid, **opts)
+        with io.gdal_env():
+            for r in range(0, h, 77):  # not a multiple of the tile rows
+                writer.write(r, arr[:, r:r + 77], None if valid is None else valid[r:r + 77])
+            if background is None:
+                return writer.finish()
+            writer.finish_later(background)
+            assert writer.readable != path
+            np.testing.assert_array_equal(writer.read(100, 300), arr[:, 100:300])
+            return writer.wait()
+
+    assert write(tmp_path / "a.tif").read_bytes() == ref.read_bytes()
+    with ThreadPoolExecutor(1) as pool:
+        assert write(tmp_path / "b.tif", pool).read_bytes() == ref.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".a", ".b"))) == []
+
+
+def test_strip_writer_abort_while_the_cog_is_made(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = Grid("EPSG:32637", rasterio.Affine(0.5, 0, 0, 0, -0.5, 0), 600, 600)
+    writer = io.StripWriter(tmp_path / "a.tif", grid, count=1, dtype="float32")
+    writer.write(0, np.ones((600, 600), np.float32))
+    with ThreadPoolExecutor(1) as pool:
+        writer.finish_later(pool)
+        writer.abort()  # waits for the COG, then drops the strips
+    assert not writer.tmp.exists()

@@ -247,3 +247,21 @@ def test_a_damaged_building_joins_the_damage_layer_whole(big_pair, tmp_path):
     assert graded["whole_footprint"].tolist() == [True, False]
     assert res.summary["buildings"]["whole_footprints_in_damage"] == 1
     assert "whole_footprint" not in gpd.read_file(off.outdir / "buildings.geojson").columns
+
+
+def test_aoi_labels_equal_rasterize():
+    """The per-strip AOI numbers, with their shortcuts, are rasterize's."""
+    from shapely.geometry import Polygon, box
+
+    grid = Grid("EPSG:32637", rasterio.Affine(0.5, 0, 1000, 0, -0.5, 2000), 300, 200)
+    left, bottom, right, top = grid.bounds
+    aois = [
+        box(left - 5, bottom - 5, right + 5, top + 5),  # holds the whole grid
+        Polygon([(1010, 1990), (1100, 1985), (1060, 1930)]),  # over it, in part
+        box(5000, 5000, 5010, 5010),  # elsewhere
+    ]
+    for geoms in (aois, aois[:1], aois[1:], aois[::-1], []):
+        for r0, rows in ((0, 200), (0, 37), (150, 50), (40, 1)):
+            sub = grid.window_grid(r0, 0, rows, grid.width)
+            expected = streaming.rasterize(geoms, sub, list(range(1, len(geoms) + 1)))
+            np.testing.assert_array_equal(streaming.aoi_labels(geoms, sub), expected)

@@ -17,9 +17,12 @@ writes every output into a staged output folder (see :class:`changedetect.io.Out
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,7 +291,7 @@ def run(
     pixel_size = math.sqrt(res[0] * res[1])
 
     cfg_r = config.coregister
-    with io.gdal_env(), io.OutputFolder(outdir, overwrite=overwrite) as out:
+    with io.gdal_env(), io.OutputFolder(outdir, overwrite=overwrite) as out, _background() as background:
         # 1-2. co-register; the after image is warped once, strip by strip, into
         # after_coregistered.tif, which every later step reads.
         align = streaming.estimate_alignment(
@@ -299,11 +302,12 @@ def run(
         report = align.report
         streaming.write_tie_points(out.file("tie_points.geojson"), align)
         tags = {"CHANGEDETECT_VERSION": __version__, "CHANGEDETECT_PARAMETERS": config.parameters()}
-        after_path = streaming.write_aligned(
+        # The COG is made in the background; the detection reads the warped strips.
+        aligned = streaming.write_aligned(
             inputs.after, ref_grid, align.model, out.file("after_coregistered.tif"), bands=bands,
             dtype=align.dtype, resampling=cfg_r.resampling, max_pixels=limit,
             tags={**tags, "LAYER": "after image co-registered onto the before grid"},
-            colorinterp=_colorinterp(ainfo, bands), progress=progress,
+            colorinterp=_colorinterp(ainfo, bands), progress=progress, background=background,
         )
 
         # AOIs, clipped to the area with data in both images.
@@ -314,14 +318,15 @@ def run(
 
         # 3-5. radiometry, change layers, threshold, objects (strip by strip).
         with io.RasterReader(inputs.before, bands=bands, max_pixels=limit) as rb, \
-                io.RasterReader(after_path, scale=align.scale) as ra:
+                io.RasterReader(aligned.readable, scale=align.scale) as ra:
             detector = streaming.Detector(rb, ra, ref_grid, config, strip_pixels=strip_pixels,
                                           progress=progress)
             detector._reliable = report.get("reliable")
             detector._uncertainty_m = report.get("position_uncertainty_m")
             footprints = _read_buildings(inputs.buildings, ref_grid, region) if inputs.buildings else None
             det = detector.run(region, aois, out.file, tags,
-                               write_layers=write_layers or config.output.write_layers, buildings=footprints)
+                               write_layers=write_layers or config.output.write_layers, buildings=footprints,
+                               background=background)
             damage = det.damage
             io.write_vector(out.file("damage.geojson"), damage, layer="damage")
             io.write_vector(out.file("aois.geojson"), aois, layer="aois")
@@ -349,6 +354,10 @@ def run(
                     summary["evaluation"]["buildings"] = building_agreement(list(det.buildings["grade"]), reference)
             io.write_json(out.file("coregistration.json"), report)
             io.write_json(out.file("summary.json"), summary)
+        # the quicklook reads the finished COGs' overviews
+        aligned_path = aligned.wait()
+        with io.RasterReader(inputs.before, bands=bands, max_pixels=limit) as rb, \
+                io.RasterReader(aligned_path, scale=align.scale) as ra:
             _write_quicklook(out.file("quicklook.png"), rb, ra, out.file("score.tif"), det, aois, region,
                              title=f"{config.name}: {len(damage)} damage polygon(s)")
 
@@ -378,6 +387,19 @@ def run(
         io.write_json(out.file(MANIFEST_NAME), manifest)
         written = out.commit(last=MANIFEST_NAME)
     return RunResult(outdir=Path(outdir), outputs=written, summary=summary)
+
+
+@contextlib.contextmanager
+def _background() -> Iterator[ThreadPoolExecutor]:
+    """One thread that makes the COGs while the run goes on (their compression is
+    multi-threaded, and the mask clean-up and objects that run meanwhile are not).
+    On the way out, also on an error or an interrupt, it ends the COG it is making
+    and drops the queued ones, before the output folder is committed or removed."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cog")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _resolved_config(config: PipelineConfig) -> dict[str, Any]:
@@ -594,7 +616,7 @@ def coregister_files(
             max_pixels=max_pixels, descriptions=descriptions, colorinterp=_colorinterp(tinfo, all_bands),
             tags={"CHANGEDETECT_VERSION": __version__, "COREGISTRATION_SHIFT_PX": report["shift_px"]},
             overwrite=overwrite,
-        )
+        ).wait()
         streaming.write_tie_points(ties_path, align, overwrite=overwrite)
     io.write_json(report_path, report, overwrite=overwrite)
     return report

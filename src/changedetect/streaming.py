@@ -362,13 +362,16 @@ def write_aligned(
     colorinterp: list[str] | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
-) -> Path:
+    background: Any = None,
+) -> io.StripWriter:
     """Warp ``bands`` of the after image through ``model`` onto ``grid``, strip by strip, as a COG.
 
     Values keep the source data type (integers rounded and clipped); pixels
     without data are marked in the internal mask. The strips are fixed by the
     grid's width (not by the caller), so the file is the same whatever else
-    changes.
+    changes. The COG is made in the ``background`` executor (``None``: before
+    returning); the returned writer's ``readable`` file holds the warped image
+    meanwhile, and its ``wait()`` returns the COG's path.
     """
     rows = rows_per_strip(grid.width)
     writer = io.StripWriter(path, grid, count=len(bands), dtype=dtype, mask=True, overwrite=overwrite)
@@ -386,7 +389,7 @@ def write_aligned(
             writer.write(s.r0, arr.astype(dtype), valid)
             if progress:
                 progress("warping the after image", s.rows, grid.height)
-        return writer.finish(tags=tags, descriptions=descriptions, colorinterp=colorinterp)
+        return writer.finish_later(background, tags=tags, descriptions=descriptions, colorinterp=colorinterp)
     except BaseException:
         writer.abort()
         raise
@@ -438,6 +441,26 @@ def rasterize(geoms: list, grid: Grid, values: list[int] | None = None) -> np.nd
         return np.zeros(grid.shape, dtype=np.int32)
     shapes = zip(geoms, values or [1] * len(geoms), strict=True)
     return _rasterize(shapes, out_shape=grid.shape, transform=grid.transform, fill=0, dtype="int32")
+
+
+def aoi_labels(geoms: list, grid: Grid) -> np.ndarray:
+    """``rasterize(geoms, grid, [1, 2, ...])``: each pixel the 1-based number of the
+    last AOI whose polygon holds its centre, 0 outside every AOI.
+
+    Only the AOIs that reach ``grid`` are burnt, and when the last of them holds
+    the whole of ``grid`` (an AOI-less run analyses the image footprint) the
+    answer is filled in without burning.
+    """
+    from shapely.geometry import box
+
+    area = box(*grid.bounds)
+    near = [(i, g) for i, g in enumerate(geoms, start=1) if g.intersects(area)]
+    if not near:
+        return np.zeros(grid.shape, dtype=np.int32)
+    last, geom = near[-1]
+    if geom.contains(area):
+        return np.full(grid.shape, last, dtype=np.int32)
+    return rasterize([g for _, g in near], grid, [i for i, _ in near])
 
 
 @dataclass
@@ -579,7 +602,7 @@ class Detector:
 
     # -- 4-5. layers, threshold, objects
     def run(self, region: Region, aois: Any, staging: Callable[[str], Path], tags: dict[str, Any],
-            write_layers: bool = False, buildings: Any = None) -> Detection:
+            write_layers: bool = False, buildings: Any = None, background: Any = None) -> Detection:
         cfg = self.config
         c = cfg.change
         grid = self.grid
@@ -609,10 +632,13 @@ class Detector:
             lo, hi, n_inside = np.inf, -np.inf, 0
             normalise = self._normaliser(norm)
 
-            def compute(s: Any) -> Any:
+            layer_names = list(writers)
+
+            def compute(job: tuple[Any, np.ndarray]) -> dict[str, Any]:
+                s, aoi = job
                 bef, aft, valid = self._read(s.h0, s.h1, cc0, cc1)
                 aft = normalise(aft, valid)
-                return change_mod.change_layers(
+                layers = change_mod.change_layers(
                     bef, aft, valid=valid, pixel_size=self.pixel_size, ssim_sigma_m=c.ssim_sigma_m,
                     smooth_m=c.smooth_m, difference_z=c.difference_z, vegetation_z=tuple(c.vegetation_z),
                     structure_weight=c.structure_weight, shadow_damping=c.shadow_damping,
@@ -620,55 +646,65 @@ class Detector:
                     coherence_weight=c.coherence_weight, coherence_layer=write_layers,
                     statistics=stats, center=SSIM_CENTER,
                 )
-
-            # Two strips are computed at once (OpenCV and numpy release the GIL), each
-            # half the usual size so memory stays the same; results are taken in
-            # row order, so the files do not depend on it. Only numeric work runs in
-            # the threads (rasterio's rasterize uses warnings.catch_warnings, which
-            # is not thread-safe).
-            for s, layers in _ordered(compute, self._strips([(region.r0, region.r1)], cc1 - cc0, halo,
-                                                            grid.height), self.workers):
-                sgrid = grid.window_grid(s.r0, region.c0, s.rows, region.width)
-                aoi = rasterize(geoms, sgrid, list(range(1, n_aoi + 1)))
                 inner = (s.core, cols)
                 inside = (aoi > 0) & layers.valid[inner]
-                row = s.r0 - region.r0
-                values = {
-                    "difference": layers.difference, "ssim": layers.ssim, "score": layers.score,
-                    "structure_loss": layers.structure_loss, "difference_evidence": layers.difference_evidence,
-                    "vegetation": layers.vegetation, "shadow_change": layers.shadow_change,
-                    "coherence_loss": layers.coherence_loss,
+                out: dict[str, Any] = {
+                    name: np.where(inside, getattr(layers, name)[inner], np.float32(nan)).astype(np.float32)
+                    for name in layer_names
                 }
-                for name, writer in writers.items():
-                    writer.write(row, np.where(inside, values[name][inner], np.float32(nan)).astype(np.float32))
                 sc = layers.score[inner][inside]
-                if sc.size:
-                    lo, hi, n_inside = min(lo, float(sc.min())), max(hi, float(sc.max())), n_inside + sc.size
+                out["range"] = (float(sc.min()), float(sc.max()), sc.size) if sc.size else None
                 ss = layers.ssim[inner]
                 ok = inside & np.isfinite(ss)
                 if n_aoi:
-                    counts = np.bincount(aoi[ok], minlength=n_aoi + 1)
-                    sums = np.bincount(aoi[ok], weights=ss[ok].astype(np.float64), minlength=n_aoi + 1)
+                    out["counts"] = np.bincount(aoi[ok], minlength=n_aoi + 1)
+                    out["sums"] = np.bincount(aoi[ok], weights=ss[ok].astype(np.float64), minlength=n_aoi + 1)
+                return out
+
+            def jobs() -> Any:
+                # AOI masks are burnt here, in the calling thread: rasterio's
+                # rasterize uses warnings.catch_warnings, which is not thread-safe.
+                for s in self._strips([(region.r0, region.r1)], cc1 - cc0, halo, grid.height):
+                    yield s, aoi_labels(geoms, grid.window_grid(s.r0, region.c0, s.rows, region.width))
+
+            # Two strips are computed at once (OpenCV and numpy release the GIL), each
+            # half the usual size so memory stays the same; results are taken in
+            # row order, so the files do not depend on it. This thread only burns
+            # the AOI masks and writes the strips.
+            for (s, _), out in _ordered(compute, jobs(), self.workers):
+                row = s.r0 - region.r0
+                for name, writer in writers.items():
+                    writer.write(row, out[name])
+                if out["range"] is not None:
+                    a, b, n = out["range"]
+                    lo, hi, n_inside = min(lo, a), max(hi, b), n_inside + n
+                if n_aoi:
                     for i in range(1, n_aoi + 1):
-                        per_aoi[i]["analysed"] += int(counts[i])
-                        per_aoi[i]["ssim_sum"] += float(sums[i])
+                        per_aoi[i]["analysed"] += int(out["counts"][i])
+                        per_aoi[i]["ssim_sum"] += float(out["sums"][i])
                 self._tick("change layers", s.rows, region.height)
             if n_inside == 0:
                 raise NoOverlapError(f"{cfg.inputs.aois or cfg.inputs.before}: AOIs cover no pixel with data in both images")
 
+            # Each finished layer becomes a COG in ``background`` while the objects are
+            # made from its strips (which stay readable until then).
+            for name in names:
+                if name != "score":
+                    writers[name].finish_later(background, tags={**tags, "LAYER": names[name]}, descriptions=[name])
+            if write_layers:
+                for name in terms:
+                    writers[name].finish_later(background, tags={**tags, "LAYER": f"change term: {name}"},
+                                               descriptions=[name])
             score_rows = _rows_reader(writers["score"])
             threshold, threshold_info = self._threshold(score_rows, region, lo, hi)
+            writers["score"].finish_later(background, tags={**tags, "LAYER": names["score"], "THRESHOLD": threshold},
+                                          descriptions=["score"])
             damage_mask = self._mask(score_rows, region, threshold)
             damage, graded, ground = self._objects(damage_mask, writers, region, out_grid, geoms, aois, threshold,
                                                    buildings)
-            for name in names:
-                layer_tags = {**tags, "LAYER": names[name]}
-                if name == "score":
-                    layer_tags["THRESHOLD"] = threshold
-                writers[name].finish(tags=layer_tags, descriptions=[name])
-            for name in terms:
-                if write_layers:
-                    writers[name].finish(tags={**tags, "LAYER": f"change term: {name}"}, descriptions=[name])
+            for name in [*names, *terms]:
+                if name in names or write_layers:
+                    writers[name].wait()
                 else:
                     writers[name].abort()
         except BaseException:
@@ -942,6 +978,8 @@ def _ordered(func: Callable[[Any], Any], items: Any, workers: int) -> Any:
             for item in items:
                 # in the caller's context (the run's block-row cache is a context variable)
                 pending.append((item, pool.submit(contextvars.copy_context().run, func, item)))
+                # one more than the workers: they keep computing while the caller
+                # handles the result it was given
                 if len(pending) >= workers:
                     first, fut = pending.popleft()
                     yield first, fut.result()
