@@ -171,7 +171,7 @@ def _plain_cog(tmp_path, arr, grid, valid=None, name="ref.tif"):
     return out
 
 
-@pytest.mark.parametrize("width, height", [(1024, 768), (1000, 600), (513, 200), (300, 2049), (256, 256)])
+@pytest.mark.parametrize(("width", "height"), [(1024, 768), (1000, 600), (513, 200), (300, 2049), (256, 256)])
 def test_cog_overview_factors_are_the_cog_drivers(tmp_path, width, height):
     grid = Grid("EPSG:32637", rasterio.Affine(0.5, 0, 0, 0, -0.5, 0), width, height)
     ref = _plain_cog(tmp_path, np.zeros((1, height, width), np.float32), grid)
