@@ -814,6 +814,17 @@ def write_markdown(
             f"(min {min(margins):+.3f}, max {max(margins):+.3f}; target +0.150: "
             f"{'met' if min(margins) >= 0.15 else 'not met'} on {sum(m >= 0.15 for m in margins)}/{len(margins)} composites).",
         ]
+        # what a perfect detector (F1 1.0) would reach over the same baselines
+        ceilings = [
+            1.0 - max(c["methods"][m]["f1"] for m in ("diff_otsu", "ssim_otsu"))
+            for c in comps
+        ]
+        lines += [
+            "",
+            f"Largest margin any detector can reach here (F1 1.0 against the better baseline): "
+            f"{min(ceilings):+.3f} to {max(ceilings):+.3f}; a +0.150 margin is possible on "
+            f"{sum(x >= 0.15 for x in ceilings)}/{len(ceilings)} composites.",
+        ]
     lines += [
         "",
         "Composite parameters (shift = content shift of the after image, pixels of 0.6 m):",
