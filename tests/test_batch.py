@@ -271,3 +271,26 @@ def test_unknown_aoi_name_is_a_config_error(runner, pair, tmp_path):
                               "--set", 'inputs.aoi_names=["north"]'])
     assert res.exit_code == 2, res.output
     assert f"{aois}: no AOI named 'north' (inputs.aoi_names)" in res.stderr
+
+
+def test_local_workers_start_with_capped_malloc_arenas(monkeypatch):
+    """Worker processes of a batch's LocalCluster get MALLOC_ARENA_MAX=2 (as the CLI
+    caps itself), keep dask's own start-up variables, and an explicit setting wins."""
+    import os
+
+    from dask import config as dask_config
+    from distributed import Client, LocalCluster
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    settings = batch_mod.cluster_settings()
+    environ = settings["distributed.nanny.pre-spawn-environ"]
+    assert environ["MALLOC_ARENA_MAX"] == "2"
+    assert "MALLOC_TRIM_THRESHOLD_" in environ  # dask's default kept
+    assert settings["distributed.scheduler.allowed-failures"] == 0
+    with dask_config.set(settings), LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
+    assert list(seen.values()) == ["2"]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert batch_mod.cluster_settings()["distributed.nanny.pre-spawn-environ"]["MALLOC_ARENA_MAX"] == "4"
