@@ -978,8 +978,6 @@ def _ordered(func: Callable[[Any], Any], items: Any, workers: int) -> Any:
             for item in items:
                 # in the caller's context (the run's block-row cache is a context variable)
                 pending.append((item, pool.submit(contextvars.copy_context().run, func, item)))
-                # one more than the workers: they keep computing while the caller
-                # handles the result it was given
                 if len(pending) >= workers:
                     first, fut = pending.popleft()
                     yield first, fut.result()
