@@ -1460,7 +1460,7 @@ class StripWriter:
     @property
     def readable(self) -> Path:
         """The file holding the rows now: the strips until the COG is made, then the COG."""
-        return self.path if (self._future is None and not self.tmp.exists()) else self.tmp
+        return self.tmp if self.tmp.exists() else self.path
 
     def finish(self, *, tags: dict[str, Any] | None = None, descriptions: list[str] | None = None,
                colorinterp: list[str] | None = None, predictor: int | None = None) -> Path:
