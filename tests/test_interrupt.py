@@ -205,3 +205,38 @@ def test_stale_staging_folder_is_never_adopted(tmp_path):
     with pytest.raises(DataError, match="staging folder of an earlier, killed run exists"):
         io.OutputFolder(out, overwrite=True)
     assert (stale / "score.tif").read_text() == "from a killed run"
+
+
+def test_interrupt_inside_exec_code_keeps_exit_code():
+    """A signal that lands in code run by ``exec`` (dataclasses and scipy build
+    functions so on first import) still ends the process with its exit code:
+    CPython 3.11 kills a process with SIGINT at exit when a bare KeyboardInterrupt
+    crossed ``exec``, even if it was caught."""
+    program = (
+        "import os, signal, sys\n"
+        "from changedetect.cli.main import _interrupt\n"
+        "signal.signal(signal.SIGTERM, _interrupt)\n"
+        "try:\n"
+        "    exec('import os, signal, time\\nos.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(5)')\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+
+
+def test_error_while_unwinding_from_an_interrupt_is_the_interrupt(monkeypatch):
+    """An import cut short by a signal fails with ImportError: still 'interrupted', exit 130."""
+    from click.testing import CliRunner
+
+    from changedetect.cli import main as cli_main
+
+    def broken(*args, **kwargs):
+        cli_main._INTERRUPTED.append(signal.SIGTERM)  # as the handler does
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr("changedetect.pipeline.run", broken)
+    pipeline_file = Path(__file__).resolve().parent.parent / "pipelines" / "harem.toml"
+    res = CliRunner().invoke(cli_main.cli, ["run", str(pipeline_file)])
+    assert res.exit_code == 130, res.output
+    assert res.stderr == INTERRUPTED

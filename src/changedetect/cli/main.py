@@ -50,8 +50,25 @@ def _showwarning(message, category, filename, lineno, file=None, line=None) -> N
     click.echo(f"changedetect: warning: {text}", err=True)
 
 
-def _sigterm(signum, frame) -> None:  # noqa: ANN001
-    raise KeyboardInterrupt
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C during a command.
+
+    A subclass, not ``KeyboardInterrupt`` itself: CPython 3.11 marks a
+    ``KeyboardInterrupt`` raised inside code run by ``exec`` (dataclasses and
+    scipy make functions that way when first imported) as unhandled even when
+    it is caught, and then ends the process with SIGINT instead of its exit code.
+    """
+
+
+#: Set by the signal handlers: an error raised while unwinding from an
+#: interrupt (an import cut short fails with ImportError) is the interrupt.
+_INTERRUPTED: list[int] = []
+
+
+def _interrupt(signum, frame) -> None:  # noqa: ANN001
+    _INTERRUPTED.append(signum)
+    raise Interrupted
+
 
 
 class ChangeDetectGroup(click.Group):
@@ -59,6 +76,10 @@ class ChangeDetectGroup(click.Group):
 
     def invoke(self, ctx: click.Context):  # noqa: D102
         previous = signal.getsignal(signal.SIGTERM)
+        _INTERRUPTED.clear()
+        previous_int = signal.getsignal(signal.SIGINT)
+        if previous_int is signal.default_int_handler:  # not when Ctrl-C is ignored
+            signal.signal(signal.SIGINT, _interrupt)
         try:
             with warnings.catch_warnings():
                 return super().invoke(ctx)
@@ -77,6 +98,9 @@ class ChangeDetectGroup(click.Group):
             click.echo("changedetect: error: out of memory (try smaller AOIs)", err=True)
             ctx.exit(1)
         except Exception as exc:  # noqa: BLE001 - last line of defence: never a traceback
+            if _INTERRUPTED:
+                click.echo("changedetect: interrupted: no partial output was kept", err=True)
+                ctx.exit(130)
             verbose = (ctx.obj or {}).get("verbosity", 0)
             if verbose >= 2:
                 raise
@@ -88,6 +112,7 @@ class ChangeDetectGroup(click.Group):
             ctx.exit(1)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -115,7 +140,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     configure_logging(verbose - quiet)
     warnings.showwarning = _showwarning
     warnings.simplefilter("ignore" if quiet > verbose else "always", UserWarning)
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _register() -> None:
