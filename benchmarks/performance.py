@@ -1126,6 +1126,9 @@ def measure_size(size: int, args: argparse.Namespace, scrub: Scrubber) -> dict:
     if runs["detect"].get("ok"):
         print(f"[{size}] write floor ...", file=sys.stderr, flush=True)
         write = _child("_write_floor", str(runs_dir / "detect"))
+        write["command"] = scrub.command(
+            [sys.executable, script, "_write_floor", str(runs_dir / "detect")]
+        )
     damage = {
         "detect": runs_dir / "detect" / "damage.geojson",
         "straightforward": runs_dir / "straightforward" / "damage.geojson",
@@ -1424,6 +1427,8 @@ def markdown(report: dict) -> str:
     for s in report["sizes"]:
         for name in METHODS:
             lines.append(s["runs"][name]["command"])
+        if s.get("write_floor", {}).get("command"):
+            lines.append(s["write_floor"]["command"])
     lines += [
         "```",
         "",
