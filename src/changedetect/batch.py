@@ -324,8 +324,8 @@ def cluster_settings() -> dict[str, Any]:
     - Local worker processes start with glibc's malloc arenas capped at 2
       (``MALLOC_ARENA_MAX``, as the CLI does for itself; unless already set):
       per-thread arenas took the peak memory of an 8192² detection from 0.8 to
-      1.0-1.1 GiB. Workers of
-      a remote cluster get it from the environment they are started in.
+      1.0-1.1 GiB. Workers of a remote cluster get it from the environment
+      they are started in.
     """
     from dask import config as dask_config
 

@@ -1465,12 +1465,8 @@ class StripWriter:
     def finish(self, *, tags: dict[str, Any] | None = None, descriptions: list[str] | None = None,
                colorinterp: list[str] | None = None, predictor: int | None = None) -> Path:
         """Close the strips and write ``path`` as a COG; returns ``path``."""
-        try:
-            self.close_strips(tags=tags, descriptions=descriptions, colorinterp=colorinterp)
-            self._make_cog(predictor)
-        finally:
-            self._cleanup()
-        return self.path
+        return self.finish_later(None, tags=tags, descriptions=descriptions, colorinterp=colorinterp,
+                                 predictor=predictor).wait()
 
     def finish_later(self, executor: Any, *, tags: dict[str, Any] | None = None,
                      descriptions: list[str] | None = None, colorinterp: list[str] | None = None,
