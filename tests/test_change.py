@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
@@ -193,46 +195,72 @@ def _ground(shape=(80, 120), seed=3):
     return np.clip(0.55 + 0.5 * (_rubble(shape, seed=seed, contrast=0.3) - 0.5), 0, 1)
 
 
-def test_relight_moved_shadows_relights_only_wide_real_shadows():
+def test_relight_moved_shadows_relights_only_wide_real_shadows_that_moved():
     k = 0.3
     ground = _ground()
     before, after = ground.copy(), ground.copy()
-    before[10:70, 20:50] *= k  # the shadow of a wall on the first date...
-    after[10:70, 35:65] *= k  # ...has moved 15 px on the second
+    before[10:70, 20:40] *= k  # the shadow of a wall on the first date...
+    after[10:70, 22:42] *= k  # ...has moved 2 px with the sun on the second
+    before[10:50, 60:75] *= k  # the shadow of a tree torn away: gone on the second date
     after[60:62, 90:92] *= k  # a 1 m dark fragment of rubble: too small to be a cast shadow
     dark_roof = np.s_[20:40, 80:110]
     before[dark_roof] = after[dark_roof] = 0.2  # a dark roof, below the threshold on both dates
     after[dark_roof] = 0.17
     valid = np.ones(ground.shape, bool)
     lb, la, relit = change.relight_moved_shadows(before, after, valid=valid, thresholds=(0.3, 0.3),
-                                                 ratios=(k, k), min_width_px=4)
-    assert relit[12:68, 22:33].all()  # in shadow on the first date only
-    assert relit[12:68, 52:63].all()  # in shadow on the second date only
-    assert not relit[12:68, 37:48].any()  # in shadow on both dates: left as it is
+                                                 ratios=(k, k), min_width_px=4, max_shift_px=2)
+    assert relit[12:68, 20:22].all()  # in shadow on the first date only
+    assert relit[12:68, 40:42].all()  # in shadow on the second date only
+    assert not relit[12:68, 23:39].any()  # in shadow on both dates: left as it is
+    assert not relit[10:50, 60:75].any()  # no shadow nearby on the other date: its caster is gone
     assert not relit[60:62, 90:92].any()  # a fragment narrower than min_width
     assert not relit[dark_roof].any()  # dark on both dates
-    assert_allclose(lb[12:68, 22:33], ground[12:68, 22:33], rtol=1e-5)  # relit: sunlit again
-    assert_allclose(la[12:68, 52:63], ground[12:68, 52:63], rtol=1e-5)
+    moved = np.zeros(relit.shape, bool)
+    moved[:, [20, 21, 40, 41]] = True
+    assert not relit[~moved].any()  # nowhere else
+    assert_allclose(lb[12:68, 20:22], ground[12:68, 20:22], rtol=1e-5)  # relit: sunlit again
+    assert_allclose(la[12:68, 40:42], ground[12:68, 40:42], rtol=1e-5)
+    np.testing.assert_array_equal(lb[10:50, 60:75], before[10:50, 60:75])
     np.testing.assert_array_equal(la[60:62, 90:92], after[60:62, 90:92])
     # the structure loss of the moved shadow's edges is gone after relighting
     _, cs_plain = change.ssim_components(before, after, sigma=1.5)
     _, cs_relit = change.ssim_components(lb, la, sigma=1.5)
-    band = np.s_[15:65, 18:24]  # around the first date's shadow edge
-    assert np.mean(1 - cs_plain[band]) > 0.3
-    assert np.mean(1 - cs_relit[band]) < 0.5 * np.mean(1 - cs_plain[band])
+    for band in (np.s_[15:65, 18:24], np.s_[15:65, 38:44]):  # around both edges of the shadow
+        assert np.mean(1 - cs_plain[band]) > 0.3
+        assert np.mean(1 - cs_relit[band]) < 0.5 * np.mean(1 - cs_plain[band])
+    # a larger shift allowed reaches the tree's shadow from the wall's (18 px away): relit
+    _, _, far = change.relight_moved_shadows(before, after, valid=valid, thresholds=(0.3, 0.3),
+                                             ratios=(k, k), min_width_px=4, max_shift_px=20)
+    assert far[10:50, 60:75].any()
 
 
-def test_shadow_relight_lowers_a_moved_shadow_not_rubble():
+def test_shadow_relight_reach_covers_opening_and_shift():
+    assert change.shadow_relight_reach(0.5, 2.0) == 4
+    assert change.shadow_relight_reach(0.5, 2.0, 1.0) == 6
+    assert change.shadow_relight_reach(0.5, 0.0, 0.0) == 0
+
+
+def test_shadow_relight_lowers_a_moved_shadow_not_rubble_nor_a_vanished_shadow():
     k = 0.3
     ground = np.stack([_ground()] * 3)
     before, after = ground.copy(), ground.copy()
-    before[:, 10:70, 20:50] *= k
-    after[:, 10:70, 35:65] *= k
-    after[:, 20:60, 80:110] = np.stack([_rubble((40, 30), seed=s) for s in (5, 6, 7)])  # rubble
-    plain = change.change_layers(before, after, pixel_size=0.5)
-    relit = change.change_layers(before, after, pixel_size=0.5, shadow_relight=True)
-    edge = np.s_[15:65, 50:62]  # where the shadow moved in
-    rubble = np.s_[25:55, 85:105]
-    assert np.nanmean(relit.score[edge]) < 0.5 * np.nanmean(plain.score[edge])
+    before[:, 10:70, 20:40] *= k
+    after[:, 10:70, 22:42] *= k  # moved 1 m with the sun
+    before[:, 10:50, 60:75] *= k  # vanished with its caster
+    after[:, 20:60, 85:115] = np.stack([_rubble((40, 30), seed=s) for s in (5, 6, 7)])  # rubble
+    valid = np.ones(before.shape[1:], bool)
+    stats = change.scene_statistics(change.scene_samples(before, after, valid=valid, pixel_size=0.5))
+    # this ground is clipped, so Otsu's shadow threshold falls at the top of the shadows' values
+    # and splits them; the relighting, not the threshold, is tested here
+    stats = dataclasses.replace(stats, shadow=(0.3, 0.3))
+    plain = change.change_layers(before, after, pixel_size=0.5, statistics=stats, shadow_relight=False)
+    relit = change.change_layers(before, after, pixel_size=0.5, statistics=stats, shadow_relight=True,
+                                 shadow_max_shift_m=1.0)
+    edges = np.s_[15:65, 36:46]  # where the shadow moved in
+    vanished = np.s_[15:45, 58:77]
+    rubble = np.s_[25:55, 90:110]
+    assert np.nanmean(relit.score[edges]) < 0.5 * np.nanmean(plain.score[edges])
+    # SSIM centres the relit images on their own mean: the same up to float rounding
+    assert_allclose(relit.score[vanished], plain.score[vanished], atol=1e-5)
     assert np.nanmean(relit.score[rubble]) == pytest.approx(np.nanmean(plain.score[rubble]), abs=0.02)
     np.testing.assert_array_equal(relit.ssim, plain.ssim)  # the SSIM layer is of the plain luminance

@@ -80,22 +80,23 @@ def test_accuracy_against_truth(harem_run):
     assert by_class["severe"]["found"] == by_class["severe"]["total"]
 
 
-def test_accuracy_target_f1_088(harem_run):
-    """With the sample's building footprints (pipelines/harem.toml): measured F1 0.897, recall 0.917.
+def test_accuracy_target_f1_09(harem_run):
+    """With the sample's building footprints (pipelines/harem.toml): measured F1 0.923, recall 0.912.
 
     Damaged buildings join the damage layer whole (damage.complete_buildings):
-    without it, F1 0.817 and recall 0.754, and only 1 of the 5 moderately
-    damaged buildings is found.
+    without it, F1 0.824 and recall 0.743, and none of the 5 moderately damaged
+    buildings is found. Without the relighting of moved shadows
+    (change.shadow_relight), F1 0.897: 4 intact houses graded severe.
     """
     ev = _accuracy(harem_run)
-    assert ev["f1"] >= 0.88
+    assert ev["f1"] >= 0.9
     assert ev["recall"] >= 0.88
     by_class = ev["objects"]["by_class"]
     assert by_class["moderate"]["found"] >= 4
 
 
 def test_without_footprints_ground_changes_stay_in_the_damage_layer(tmp_path):
-    """Without footprints nothing tells a moved car from rubble by place: measured F1 0.761."""
+    """Without footprints nothing tells a moved car from rubble by place: measured F1 0.781."""
     from changedetect.config import load_pipeline
     from changedetect.pipeline import run
 

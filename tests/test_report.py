@@ -139,6 +139,15 @@ def test_report_sections_and_words(page):
     assert "1.00 px (0.50 m) south, 2.00 px (1.00 m) west" in page
 
 
+def test_report_method_names_the_shadow_relighting():
+    relit = {"ssim_sigma_m": 0.75, "shadow_relight": True, "shadow_max_shift_m": 1.5}
+    page = render_report(_data(parameters={"damage": {"min_area_m2": 20.0}, "change": relit}))
+    assert "(by at most 1.5 m) are relit" in page
+    assert "a shadow that vanished with what cast it still counts" in page
+    plain = render_report(_data(parameters={"damage": {"min_area_m2": 20.0}, "change": {"shadow_relight": False}}))
+    assert "are relit" not in plain
+
+
 def test_report_is_deterministic(page):
     assert render_report(_data()) == page
 

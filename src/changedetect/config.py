@@ -99,9 +99,13 @@ class Change(_Strict):
     structure_weight: float = Field(0.75, ge=0, le=1)
     shadow_damping: float = Field(0.0, ge=0, le=1)
     shadow_relight: bool = Field(
-        default=False, description="Also compare local patterns with the cast shadows that moved between the dates relit."
+        default=True, description="Also compare local patterns with the cast shadows that moved between the dates relit."
     )
     shadow_min_width_m: float = Field(default=2.0, ge=0, description="Narrowest dark region taken as a cast shadow, m.")
+    shadow_max_shift_m: float = Field(
+        default=1.0, ge=0,
+        description="Farthest a cast shadow may have moved between the dates and still be relit, m.",
+    )
     coherence_weight: float = Field(
         default=0.0, ge=0, le=1,
         description="How much the loss of gradient orientation coherence counts as structure evidence (0: off).",

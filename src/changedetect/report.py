@@ -888,8 +888,10 @@ def _section_method(data: ReportData, threshold: float | None) -> str:
                        "roofs, walls and kerbs broken into fragments pointing every way (loss of orientation "
                        "coherence).")
     if ch.get("shadow_relight"):
-        score_text += (" Cast shadows that moved with the sun between the dates are relit before the local "
-                       "patterns are compared, so that a moved shadow does not count as lost structure.")
+        shift = float(ch.get("shadow_max_shift_m") or 0.0)
+        score_text += (" Cast shadows that moved with the sun between the dates (by at most "
+                       f"{shift:g} m) are relit before the local patterns are compared, so that a moved shadow "
+                       "does not count as lost structure; a shadow that vanished with what cast it still counts.")
     damping = float(ch.get("shadow_damping") or 0.0)
     if damping > 0:
         score_text += (f" Where a pixel lies in cast shadow on only one date (the sun moved), {damping:.0%} of its "

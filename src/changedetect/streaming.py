@@ -610,7 +610,8 @@ class Detector:
         norm, fit = self.fit_radiometry()
         stats = self.statistics(region, norm)
         halo = change_mod.change_halo(self.pixel_size, ssim_sigma_m=c.ssim_sigma_m, smooth_m=c.smooth_m,
-                                      shadow_min_width_m=c.shadow_min_width_m if c.shadow_relight else 0.0)
+                                      shadow_min_width_m=c.shadow_min_width_m if c.shadow_relight else 0.0,
+                                      shadow_max_shift_m=c.shadow_max_shift_m if c.shadow_relight else 0.0)
         cc0, cc1 = max(0, region.c0 - halo), min(grid.width, region.c1 + halo)
         cols = slice(region.c0 - cc0, region.c1 - cc0)
         geoms = list(aois.geometry)
@@ -643,6 +644,7 @@ class Detector:
                     smooth_m=c.smooth_m, difference_z=c.difference_z, vegetation_z=tuple(c.vegetation_z),
                     structure_weight=c.structure_weight, shadow_damping=c.shadow_damping,
                     shadow_relight=c.shadow_relight, shadow_min_width_m=c.shadow_min_width_m,
+                    shadow_max_shift_m=c.shadow_max_shift_m,
                     coherence_weight=c.coherence_weight, coherence_layer=write_layers,
                     statistics=stats, center=SSIM_CENTER,
                 )
