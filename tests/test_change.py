@@ -238,6 +238,23 @@ def test_shadow_relight_reach_covers_opening_and_shift():
     assert change.shadow_relight_reach(0.5, 2.0) == 4
     assert change.shadow_relight_reach(0.5, 2.0, 1.0) == 6
     assert change.shadow_relight_reach(0.5, 0.0, 0.0) == 0
+    assert change.shadow_relight_reach(2.0, 2.0, 1.0) == 1  # at least the neighbouring pixels
+
+
+def test_relight_at_coarse_pixels_takes_the_neighbouring_pixels():
+    """At 2 m pixels a 1 m shift is sub-pixel: the edge pixels next to the other date's shadow are relit."""
+    k = 0.3
+    ground = _ground()
+    before, after = ground.copy(), ground.copy()
+    before[10:70, 20:40] *= k
+    after[10:70, 21:41] *= k  # moved one pixel
+    valid = np.ones(ground.shape, bool)
+    kwargs = dict(valid=valid, thresholds=(0.3, 0.3), ratios=(k, k), min_width_px=1.0)
+    _, _, relit = change.relight_moved_shadows(before, after, max_shift_px=0.5, **kwargs)
+    assert relit[:, 20].sum() == relit[:, 40].sum() == 60
+    assert relit.sum() == 120
+    _, _, none = change.relight_moved_shadows(before, after, max_shift_px=0.0, **kwargs)
+    assert not none.any()
 
 
 def test_shadow_relight_lowers_a_moved_shadow_not_rubble_nor_a_vanished_shadow():

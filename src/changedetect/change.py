@@ -440,10 +440,16 @@ def _open_mask(mask: np.ndarray, radius_px: float) -> np.ndarray:
     return cv2.dilate(eroded, se, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
 
 
+def _shift_radius(max_shift_px: float) -> float:
+    """Search radius, pixels, for the other date's shadow: the shift allowed, at least the
+    neighbouring pixels (a shadow edge that moved less than a pixel changed those)."""
+    return max(float(max_shift_px), 1.0) if max_shift_px > 0 else 0.0
+
+
 def shadow_relight_reach(pixel_size: float, min_width_m: float, max_shift_m: float = 0.0) -> int:
     """Reach, in pixels, of :func:`relight_moved_shadows` (its opening, then the shift allowed)."""
     opening = 2 * int(np.floor(0.5 * min_width_m / pixel_size)) if min_width_m > 0 else 0
-    return opening + int(np.floor(max_shift_m / pixel_size))
+    return opening + int(np.floor(_shift_radius(max_shift_m / pixel_size)))
 
 
 def relight_moved_shadows(
@@ -478,7 +484,7 @@ def relight_moved_shadows(
       A dark roof near the threshold on both dates is not relit;
     * and the shadow is still there on the other date, moved by at most
       ``max_shift_px``: a cast-shadow region of the other date lies within that
-      distance. A shadow whose caster is gone (a collapsed house, a tree torn
+      distance (at least the neighbouring pixels; 0 relights nothing). A shadow whose caster is gone (a collapsed house, a tree torn
       away) vanished without a counterpart nearby: it is evidence of the
       destruction and is left as it is. A shadow that moved farther than
       ``max_shift_px`` is left as it is too (its edges then count as change).
@@ -493,8 +499,9 @@ def relight_moved_shadows(
     half = 0.5 * min_width_px
     sb = _open_mask((before < tb) & valid, half) if tb > 0 else np.zeros(before.shape, bool)
     sa = _open_mask((after < ta) & valid, half) if ta > 0 else np.zeros(after.shape, bool)
-    into = sa & ~sb & valid & (after < before * np.float32(np.sqrt(ka))) & _dilate_mask(sb, max_shift_px)
-    outof = sb & ~sa & valid & (before < after * np.float32(np.sqrt(kb))) & _dilate_mask(sa, max_shift_px)
+    radius = _shift_radius(max_shift_px)
+    into = sa & ~sb & valid & (after < before * np.float32(np.sqrt(ka))) & _dilate_mask(sb, radius)
+    outof = sb & ~sa & valid & (before < after * np.float32(np.sqrt(kb))) & _dilate_mask(sa, radius)
     lb = np.where(outof, before / np.float32(kb), before).astype(before.dtype, copy=False)
     la = np.where(into, after / np.float32(ka), after).astype(after.dtype, copy=False)
     return lb, la, into | outof

@@ -104,7 +104,8 @@ class Change(_Strict):
     shadow_min_width_m: float = Field(default=2.0, ge=0, description="Narrowest dark region taken as a cast shadow, m.")
     shadow_max_shift_m: float = Field(
         default=1.0, ge=0,
-        description="Farthest a cast shadow may have moved between the dates and still be relit, m.",
+        description="Farthest a cast shadow may have moved between the dates and still be relit, m "
+                    "(at least the neighbouring pixels; 0 relights nothing).",
     )
     coherence_weight: float = Field(
         default=0.0, ge=0, le=1,
