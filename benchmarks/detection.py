@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,9 +352,12 @@ def scrub(text: str, replacements: dict[str, str]) -> str:
 
 
 def run_cli(
-    before: Path, after: Path, outdir: Path, truth: Path | None
+    before: Path, after: Path, outdir: Path, truth: Path | None, settings: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Run ``changedetect detect`` as a user would; return its summary (or the failure)."""
+    """Run ``changedetect detect`` as a user would; return its summary (or the failure).
+
+    ``settings`` are ``KEY=VALUE`` overrides passed on as ``--set``.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -367,6 +371,8 @@ def run_cli(
     ]
     if truth is not None:
         cmd += ["--truth", str(truth)]
+    for kv in settings:
+        cmd += ["--set", kv]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     out: dict[str, Any] = {
@@ -786,6 +792,7 @@ def write_markdown(
     comps: list[dict[str, Any]],
     reals: list[dict[str, Any]],
     scene_note: str,
+    settings: Sequence[str] = (),
 ) -> str:
     margins = [c["margin_f1"] for c in comps if c["margin_f1"] is not None]
     lines = [
@@ -795,6 +802,9 @@ def write_markdown(
         "",
     ]
     lines += [f"- {k} {v}" for k, v in versions().items()]
+    if settings:
+        lines += ["", "changedetect settings other than its defaults: "
+                  + ", ".join(f"`--set {kv}`" for kv in settings) + "."]
     lines += [
         "",
         "Baselines: per-band histogram matching, phase-correlation shift correction, Otsu threshold, "
@@ -932,6 +942,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Keep the composites and CLI outputs in this folder (default: a temporary folder, removed).",
     )
     p.add_argument("--jobs", type=int, default=2, help="changedetect runs in parallel.")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Pass a parameter override to every changedetect run (repeatable), e.g. "
+        "--set change.shadow_relight=false.",
+    )
     args = p.parse_args(argv)
     if args.data is None:
         p.error("--data is required (or set CHANGEDETECT_DATA)")
@@ -986,7 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
         def one(job: tuple) -> dict[str, Any]:
-            res = run_cli(*job)
+            res = run_cli(*job, settings=args.settings)
             res["stderr"], res["stdout"] = (
                 scrub(res["stderr"], folders),
                 scrub(res["stdout"], folders),
@@ -1008,10 +1027,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         text = write_markdown(
-            args.out.with_suffix(".md"), comp_cases, real_cases, DATA_NOTE
+            args.out.with_suffix(".md"), comp_cases, real_cases, DATA_NOTE, args.settings
         )
         payload = {
             "versions": versions(),
+            "settings": args.settings,
             "composites": strip_for_json(comp_cases),
             "real": strip_for_json(real_cases),
         }

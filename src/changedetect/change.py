@@ -725,11 +725,13 @@ def change_layers(
         ``shadow_max_shift_m`` are relit: a shadow that vanished with its caster
         (a collapsed house, a tree torn away) stays evidence of the destruction.
         The colour difference and the ``ssim`` layer are left as they are. On by
-        default (``benchmarks/detection.py``): on the real Joplin pair it changes
+        default (``benchmarks/detection.py``, with and without
+        ``--set change.shadow_relight=false``): on the real Joplin pair it changes
         the shares of flattened and intact zones flagged by at most 0.004, on
         the known-answer composites it raises F1 by 0.001-0.004. Without the
-        requirement of a nearby shadow on the other date, it lowered the share
-        of flattened zones flagged by up to 0.025 (torn-away trees' shadows).
+        requirement of a nearby shadow on the other date, it also relit the
+        shadows of torn-away trees and flattened houses and lowered the share
+        of flattened zones flagged.
     shadow_min_width_m : float
         Narrowest dark region, metres, taken as a cast shadow by the relighting
         (narrower ones are rubble gaps, holes, specks); 0 takes every dark pixel.
