@@ -484,8 +484,9 @@ def relight_moved_shadows(
       A dark roof near the threshold on both dates is not relit;
     * and the shadow is still there on the other date, moved by at most
       ``max_shift_px``: a cast-shadow region of the other date lies within that
-      distance (at least the neighbouring pixels; 0 relights nothing). A shadow whose caster is gone (a collapsed house, a tree torn
-      away) vanished without a counterpart nearby: it is evidence of the
+      distance (at least the neighbouring pixels; 0 relights nothing). A
+      shadow whose caster is gone (a collapsed house, a tree torn away)
+      vanished without a counterpart nearby: it is evidence of the
       destruction and is left as it is. A shadow that moved farther than
       ``max_shift_px`` is left as it is too (its edges then count as change).
 
